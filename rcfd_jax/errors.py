@@ -1,0 +1,27 @@
+"""The one exception type for bad user input.
+
+Anything the user can fix (a config field, a path, a dataset column, a model
+directory) raises UserError with one sentence that says what is wrong and
+what to do. Entry points print it as a single line and exit non-zero.
+"""
+
+import sys
+
+
+class UserError(Exception):
+  """Bad input the user can fix; the message is shown as one line."""
+
+
+def exit_on_user_error(fn):
+  """Wraps an entry point: a UserError becomes one stderr line and exit 2."""
+
+  def wrapped(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  wrapped.__name__ = fn.__name__
+  wrapped.__doc__ = fn.__doc__
+  return wrapped

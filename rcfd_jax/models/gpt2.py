@@ -1,0 +1,186 @@
+"""GPT-2 family: learned positions, fused Conv1D q/k/v ([in, out] weights), tied head."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rcfd_jax.models import layers as L
+from rcfd_jax.models.hf import Tensor
+
+MODEL_TYPES = ("gpt2",)
+TASKS = ("causal_lm", "seq_cls")
+PREFIXES = ("transformer.",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  vocab_size: int
+  n_positions: int
+  n_embd: int
+  n_layer: int
+  n_head: int
+  n_inner: int
+  activation_function: str = "gelu_new"
+  layer_norm_epsilon: float = 1e-5
+  scale_attn_weights: bool = True
+  scale_attn_by_inverse_layer_idx: bool = False
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  pad_token_id: int | None = None
+  num_labels: int = 2
+  model_type: str = "gpt2"
+  extra: tuple = ()  # other config.json fields, written back unchanged
+
+  @property
+  def max_positions(self) -> int:
+    return self.n_positions
+
+  def to_hf(self, task: str) -> dict[str, Any]:
+    d = dict(self.extra)
+    d.update({k: getattr(self, k) for k in (
+        "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+        "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+        "bos_token_id", "eos_token_id", "pad_token_id", "model_type")})
+    d["n_ctx"] = self.n_positions
+    d["tie_word_embeddings"] = True
+    d["architectures"] = ["GPT2LMHeadModel" if task == "causal_lm" else "GPT2ForSequenceClassification"]
+    if task == "seq_cls":
+      d["num_labels"] = self.num_labels
+      d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+      d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+    return d
+
+
+def config_from_hf(c: dict[str, Any]) -> Config:
+  known = {f.name for f in dataclasses.fields(Config)}
+  num_labels = c.get("num_labels") or len(c.get("id2label") or {}) or 2
+  extra = tuple(sorted((k, v) for k, v in c.items() if k not in known and k not in (
+      "architectures", "id2label", "label2id", "n_ctx", "tie_word_embeddings", "dtype", "torch_dtype",
+      "transformers_version", "num_labels")
+                       and isinstance(v, (int, float, str, bool, type(None)))))
+  return Config(
+      vocab_size=c["vocab_size"], n_positions=c["n_positions"], n_embd=c["n_embd"], n_layer=c["n_layer"],
+      n_head=c["n_head"], n_inner=c.get("n_inner") or 4 * c["n_embd"],
+      activation_function=c.get("activation_function", "gelu_new"),
+      layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-5),
+      scale_attn_weights=c.get("scale_attn_weights", True),
+      scale_attn_by_inverse_layer_idx=c.get("scale_attn_by_inverse_layer_idx", False),
+      bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
+      pad_token_id=c.get("pad_token_id"), num_labels=num_labels, extra=extra)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: Config, layer_idx: int, *, dtype, param_dtype, rngs):
+    d, kw = cfg.n_embd, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ln_1 = L.LayerNorm(d, eps=cfg.layer_norm_epsilon, **kw)
+    self.c_attn = L.Dense(d, 3 * d, ("embed", "heads"), **kw)
+    self.c_proj = L.Dense(d, d, ("heads", "embed"), **kw)
+    self.ln_2 = L.LayerNorm(d, eps=cfg.layer_norm_epsilon, **kw)
+    self.c_fc = L.Dense(d, cfg.n_inner, ("embed", "mlp"), **kw)
+    self.mlp_proj = L.Dense(cfg.n_inner, d, ("mlp", "embed"), **kw)
+    self.act = L.activation(cfg.activation_function)
+    self.heads = cfg.n_head
+    scale = (d // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
+    if cfg.scale_attn_by_inverse_layer_idx:
+      scale /= layer_idx + 1
+    self.scale = scale
+
+  def __call__(self, x, mask, kv=None, index=None):
+    q, k, v = jnp.split(self.c_attn(self.ln_1(x)), 3, axis=-1)
+    q, k, v = (L.split_heads(t, self.heads) for t in (q, k, v))
+    if kv is not None:
+      k = L.write_cache(kv[0], k, index)
+      v = L.write_cache(kv[1], v, index)
+      kv = (k, v)
+    a = L.attention(q, k, v, mask, scale=self.scale)
+    x = x + self.c_proj(L.merge_heads(a))
+    x = x + self.mlp_proj(self.act(self.c_fc(self.ln_2(x))))
+    return x, kv
+
+
+class GPT2(nnx.Module):
+  """GPT-2 trunk + tied LM head (task causal_lm) or a score head (seq_cls)."""
+
+  def __init__(self, cfg: Config, task: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.config, self.task, self.dtype = cfg, task, dtype
+    self.wte = L.Embed(cfg.vocab_size, cfg.n_embd, ("vocab", "embed"), **kw)
+    self.wpe = L.Embed(cfg.n_positions, cfg.n_embd, ("positions", "embed"), **kw)
+    self.h = nnx.List([Block(cfg, i, **kw) for i in range(cfg.n_layer)])
+    self.ln_f = L.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, **kw)
+    self.score = (L.Dense(cfg.n_embd, cfg.num_labels, ("embed", "labels"), use_bias=False, **kw)
+                  if task == "seq_cls" else None)
+
+  def _trunk(self, ids, positions, mask, cache=None, index=None):
+    x = self.wte(ids) + self.wpe(positions)
+    new_cache = []
+    for i, block in enumerate(self.h):
+      x, kv = block(x, mask, None if cache is None else cache[i], index)
+      new_cache.append(kv)
+    return self.ln_f(x), (tuple(new_cache) if cache is not None else None)
+
+  def head(self, hidden: jax.Array) -> jax.Array:
+    """float32 logits from final hidden states."""
+    return self.wte.attend(hidden).astype(jnp.float32)
+
+  def __call__(self, input_ids, attention_mask=None, *, positions=None, return_hidden=False):
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), bool)
+    attention_mask = attention_mask.astype(bool)
+    if positions is None:
+      positions = L.positions_from_mask(attention_mask)
+    slots = jnp.arange(t)
+    hidden, _ = self._trunk(input_ids, positions, L.causal_mask(slots, slots, attention_mask))
+    if self.task == "seq_cls":
+      last = L.last_token_index(attention_mask)
+      pooled = hidden[jnp.arange(b), last]
+      return self.score(pooled).astype(jnp.float32)
+    logits = self.head(hidden)
+    return (logits, hidden) if return_hidden else logits
+
+  def init_cache(self, batch: int, max_len: int, dtype=None):
+    c = self.config
+    shape = (batch, max_len, c.n_head, c.n_embd // c.n_head)
+    z = lambda: jnp.zeros(shape, dtype or self.dtype)
+    return tuple((z(), z()) for _ in range(c.n_layer))
+
+  def decode(self, input_ids, positions, cache, key_valid, index):
+    """Runs T new tokens at cache slots [index, index+T); returns (logits, cache)."""
+    t = input_ids.shape[1]
+    mask = L.causal_mask(index + jnp.arange(t), jnp.arange(key_valid.shape[1]), key_valid)
+    hidden, cache = self._trunk(input_ids, positions, mask, cache, index)
+    return self.head(hidden), cache
+
+
+def build(cfg: Config, task: str, *, dtype, param_dtype, rngs) -> GPT2:
+  return GPT2(cfg, task, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def tensors(cfg: Config, task: str) -> list[Tensor]:
+  p = "transformer."
+  out = [Tensor(("wte", "embedding"), p + "wte.weight"), Tensor(("wpe", "embedding"), p + "wpe.weight")]
+  for i in range(cfg.n_layer):
+    h, n = ("h", i), f"{p}h.{i}."
+    out += [
+        Tensor(h + ("ln_1", "scale"), n + "ln_1.weight"), Tensor(h + ("ln_1", "bias"), n + "ln_1.bias"),
+        Tensor(h + ("c_attn", "kernel"), n + "attn.c_attn.weight"),
+        Tensor(h + ("c_attn", "bias"), n + "attn.c_attn.bias"),
+        Tensor(h + ("c_proj", "kernel"), n + "attn.c_proj.weight"),
+        Tensor(h + ("c_proj", "bias"), n + "attn.c_proj.bias"),
+        Tensor(h + ("ln_2", "scale"), n + "ln_2.weight"), Tensor(h + ("ln_2", "bias"), n + "ln_2.bias"),
+        Tensor(h + ("c_fc", "kernel"), n + "mlp.c_fc.weight"), Tensor(h + ("c_fc", "bias"), n + "mlp.c_fc.bias"),
+        Tensor(h + ("mlp_proj", "kernel"), n + "mlp.c_proj.weight"),
+        Tensor(h + ("mlp_proj", "bias"), n + "mlp.c_proj.bias"),
+    ]
+  out += [Tensor(("ln_f", "scale"), p + "ln_f.weight"), Tensor(("ln_f", "bias"), p + "ln_f.bias")]
+  if task == "seq_cls":
+    out.append(Tensor(("score", "kernel"), "score.weight", lambda x: x.T, lambda x: x.T))
+  return out
