@@ -36,10 +36,14 @@ K3_MAX_LOG_RATIO = 20.0
 def token_logprobs(logits_btv: Array, tokens_bt: Array) -> Array:
   """log softmax(logits)[token] per position, in float32.
 
-  Computed as gathered logit minus logsumexp, so the [B, T, V] log-softmax is
-  never materialised (under jit XLA fuses the float32 cast into the reduction):
-  with a 150k vocabulary that tensor is the largest activation of the step.
-  bf16 logits are upcast first; bf16 logsumexp loses whole nats.
+  Computed as picked logit minus logsumexp, so the [B, T, V] log-softmax is
+  never materialised (under jit XLA fuses the float32 cast into the two
+  reductions): with a 150k vocabulary that tensor is the largest activation
+  of the step. bf16 logits are upcast first; bf16 logsumexp loses whole nats.
+  The logit is picked by a masked sum over the vocabulary rather than a
+  gather: when the vocabulary axis is sharded over "tensor" each shard sums
+  its part and one small all-reduce follows, where a gather would first
+  all-gather the logits. The sum holds one nonzero term, so it is exact.
 
   Args:
     logits_btv: [B, T, V] logits that predict tokens_bt (already shifted).
@@ -50,8 +54,10 @@ def token_logprobs(logits_btv: Array, tokens_bt: Array) -> Array:
   """
   logits_btv = logits_btv.astype(jnp.float32)
   lse_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-  picked_bt = jnp.take_along_axis(logits_btv, tokens_bt[..., None].astype(jnp.int32), axis=-1)
-  return picked_bt[..., 0] - lse_bt
+  vocab_v = jnp.arange(logits_btv.shape[-1], dtype=jnp.int32)
+  hit_btv = vocab_v == tokens_bt[..., None].astype(jnp.int32)
+  picked_bt = jnp.sum(jnp.where(hit_btv, logits_btv, 0.0), axis=-1)
+  return picked_bt - lse_bt
 
 
 def masked_sum(x: Array, mask: Array, axis: int | tuple[int, ...] | None = None) -> Array:
@@ -355,7 +361,9 @@ def ppo_policy_loss(logp_bt: Array, old_logp_bt: Array, adv: Array, mask_bt: Arr
     Both are token means whatever loss_agg is.
   """
   adv_bt = _per_token(adv, logp_bt)
-  log_ratio_bt = logp_bt - old_logp_bt
+  # Zero on padding before exp(): a garbage log-prob there must not overflow,
+  # since 0 * inf in the backward pass of the masking would still give NaN.
+  log_ratio_bt = jnp.where(jnp.asarray(mask_bt) != 0, logp_bt - old_logp_bt, 0.0)
   ratio_bt = jnp.exp(log_ratio_bt)
   unclipped_bt = -adv_bt * ratio_bt
   clipped_bt = -adv_bt * jnp.clip(ratio_bt, 1.0 - clip_eps, 1.0 + clip_eps)

@@ -308,6 +308,16 @@ def test_ppo_policy_loss(loss_agg, per_token_adv):
   assert 0.0 < float(metrics["clipfrac"]) < 1.0
 
 
+def test_ppo_gradient_ignores_garbage_on_padding():
+  _, mask, logp, old = _loss_inputs(14)
+  logp = np.where(mask > 0, logp, 1000.0).astype(np.float32)  # exp(+2000) would overflow
+  old = np.where(mask > 0, old, -1000.0).astype(np.float32)
+  adv_b = np.ones(B, np.float32)
+  grad = jax.grad(lambda lp: rl.ppo_policy_loss(lp, old, adv_b, mask, 0.2)[0])(jnp.asarray(logp))
+  assert bool(rl.all_finite(grad))
+  assert float(jnp.max(jnp.abs(jnp.where(mask > 0, 0.0, grad)))) == 0.0
+
+
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
 def test_reinforce_policy_loss_and_gradient(loss_agg):
   rng, mask, logp, _ = _loss_inputs(11)
