@@ -1,0 +1,264 @@
+"""A synthetic movie-review corpus, generated from a seed, for CPU reproductions.
+
+The paper's IMDB use case needs three things from its data: text varied enough
+that a tiny LM trained on it writes varied text (so that reward
+over-optimization shows up as a loss of variety), a sentiment label a small
+classifier can learn, and a sentiment that is graded rather than binary (so
+the classifier's logit on the demonstrations has a spread, and calibrating to
+it means something). Downloading IMDB is not an option offline, so this module
+writes such a corpus from a small compositional grammar.
+
+Each review draws a latent sentiment `mu`; each opinion sentence aims at
+`mu` plus noise and picks an adjective of the nearest polarity, possibly
+softened or strengthened by an intensifier, or negated; plot and neutral
+sentences carry no sentiment. The review's score is the mean polarity of its
+opinion sentences and its label follows from the score, so label and text
+never disagree. Randomness comes from one seeded numpy generator read in
+blocks, which keeps 20k reviews well under a second and the output
+byte-identical for a seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+# Adjectives by polarity level; a sentence aiming at polarity p picks level round(p).
+ADJECTIVES = {
+    3: ("masterful", "breathtaking", "brilliant", "superb", "stunning", "magnificent",
+        "extraordinary", "unforgettable", "wonderful", "outstanding", "remarkable", "dazzling"),
+    2: ("moving", "delightful", "engaging", "charming", "gripping", "beautiful", "clever",
+        "memorable", "heartfelt", "compelling", "witty", "touching", "impressive", "thrilling"),
+    1: ("pleasant", "decent", "solid", "enjoyable", "likable", "watchable", "competent", "fun",
+        "sweet", "agreeable", "amusing", "harmless", "respectable"),
+    -1: ("uneven", "forgettable", "predictable", "flat", "slow", "bland", "mediocre", "clumsy",
+         "overlong", "thin", "routine", "uninspired", "muddled"),
+    -2: ("boring", "dull", "tedious", "weak", "shallow", "messy", "lifeless", "silly",
+         "confusing", "pointless", "lazy", "bad", "irritating"),
+    -3: ("awful", "terrible", "dreadful", "horrible", "painful", "unwatchable", "atrocious",
+         "abysmal", "embarrassing", "disastrous", "insufferable", "hopeless"),
+}
+# (word, multiplier on the adjective's polarity); "" means no intensifier.
+INTENSIFIERS = (("", 1.0), ("", 1.0), ("", 1.0), ("very", 1.3), ("truly", 1.3),
+                ("incredibly", 1.5), ("extremely", 1.6), ("quite", 1.1), ("rather", 0.9),
+                ("somewhat", 0.6), ("fairly", 0.8), ("a little", 0.5), ("slightly", 0.5),
+                ("genuinely", 1.2), ("really", 1.3), ("pretty", 0.9))
+# Negations flip and damp: "not bad" is mildly good, "not brilliant" mildly poor.
+NEGATIONS = (("not", -0.5), ("hardly", -0.6), ("never", -0.6), ("not at all", -0.8))
+ASPECTS = ("the acting", "the script", "the score", "the cinematography", "the pacing",
+           "the dialogue", "the ending", "the editing", "the soundtrack", "the direction",
+           "the special effects", "the cast", "the story", "the plot", "the characters",
+           "the costumes", "the camera work", "the humor", "the first act", "the final scene",
+           "the villain", "the romance", "the action scenes", "the lighting", "the set design",
+           "the music", "the twist", "the middle section", "the opening scene", "the makeup")
+GENRES = ("thriller", "comedy", "drama", "horror film", "western", "romance", "documentary",
+          "musical", "science fiction film", "war film", "mystery", "animated film",
+          "crime drama", "family film", "fantasy epic", "road movie", "heist film",
+          "period piece", "spy film", "coming of age story", "satire", "disaster movie")
+TITLE_FIRST = ("The", "A", "Last", "Silent", "Broken", "Midnight", "Golden", "Lost", "Red",
+               "Distant", "Hidden", "Burning", "Frozen", "Little", "Dark", "Wild", "Quiet",
+               "Electric", "Paper", "Iron")
+TITLE_SECOND = ("River", "Summer", "City", "Garden", "Horizon", "Train", "House", "Kingdom",
+                "Moon", "Harbor", "Letters", "Road", "Storm", "Island", "Mirror", "Orchard",
+                "Station", "Winter", "Crown", "Forest", "Heart", "Empire", "Valley", "Echo")
+FIRST_NAMES = ("Anna", "James", "Maria", "Tom", "Lucy", "David", "Sofia", "Peter", "Emma",
+               "Daniel", "Clara", "Henry", "Grace", "Oliver", "Nina", "Samuel", "Julia",
+               "Victor", "Helen", "Marcus", "Rosa", "Arthur", "Mei", "Ivan", "Leila", "Paul")
+LAST_NAMES = ("Carter", "Moreau", "Hughes", "Silva", "Novak", "Bennett", "Okafor", "Lindqvist",
+              "Reyes", "Fischer", "Tanaka", "Walsh", "Duval", "Kowalski", "Harper", "Rossi",
+              "Brennan", "Castillo", "Weber", "Nakamura", "Quinn", "Adeyemi", "Sorensen")
+PROFESSIONS = ("detective", "teacher", "nurse", "soldier", "pilot", "farmer", "journalist",
+               "painter", "lawyer", "chef", "scientist", "musician", "thief", "priest",
+               "boxer", "sailor", "librarian", "doctor", "widow", "student", "mechanic", "spy")
+AGES = ("young", "retired", "aging", "teenage", "middle-aged", "lonely", "ambitious",
+        "grieving", "reckless", "shy")
+PLACES = ("a small town", "Paris", "the desert", "a crowded city", "a remote island",
+          "the mountains", "a fishing village", "New York", "a space station", "the suburbs",
+          "a boarding school", "a sinking ship", "postwar Berlin", "a quiet farm",
+          "a border town", "an old hotel", "the jungle", "a coal mine", "Tokyo")
+PLOT_VERBS = ("searches for", "tries to protect", "falls in love with", "runs away from",
+              "investigates", "must rescue", "slowly uncovers", "plans to steal",
+              "is haunted by", "returns home to face", "fights to save", "learns the truth about",
+              "makes a deal with", "takes care of", "hides from")
+PLOT_OBJECTS = ("a missing sister", "an old friend", "a stolen painting", "a family secret",
+                "a dying father", "a mysterious stranger", "a lost letter", "a corrupt mayor",
+                "a childhood enemy", "a hidden fortune", "a strange signal", "a runaway child",
+                "a forgotten crime", "a rival gang", "a wounded dog", "the last survivor")
+PLOT_TIMES = ("over one long night", "during the war", "after a terrible accident",
+              "before the winter comes", "in the summer of 1968", "over three decades",
+              "on the eve of a wedding", "while the storm rages", "after losing everything")
+COMPANY = ("my wife", "my husband", "a friend", "my kids", "my parents", "some coworkers",
+           "my sister", "my brother", "a big group", "my roommate", "my grandmother")
+WHEN = ("last night", "on Sunday", "over the weekend", "on a plane", "at a festival",
+        "on opening night", "at a late screening", "years ago", "on a rainy afternoon")
+SOURCES = ("novel", "true story", "short story", "play", "comic book", "video game",
+           "newspaper article", "memoir", "fairy tale")
+REVIEWERS = ("I", "My friend", "My wife", "The audience", "Everyone I know", "My brother",
+             "The critics", "My whole family", "Half the theater")
+OPINION_VERBS = ("thought", "felt", "found", "said", "agreed")
+# Closing verdicts with their polarity.
+VERDICTS = (("I would recommend it to anyone", 2.5), ("it is worth every minute", 2.5),
+            ("I would happily watch it again", 2.0), ("see it on the big screen", 2.0),
+            ("it is worth a look", 1.0), ("it is fine for a quiet evening", 0.8),
+            ("it is hard to say", 0.0), ("your mileage may vary", 0.0),
+            ("wait until it is free", -1.0), ("I would not watch it twice", -1.2),
+            ("skip this one", -2.0), ("it is a waste of time", -2.6),
+            ("I want those two hours back", -3.0), ("avoid it at all costs", -3.0))
+VERDICT_OPENERS = ("Overall,", "In the end,", "All in all,", "Honestly,", "To sum up,",
+                   "Bottom line:")
+
+LABELS = ("negative", "mixed", "positive")
+_MIXED_BAND = 0.35  # |score| below this is "mixed": a graded, not binary, sentiment
+_CLASS_PROBS = (0.45, 0.1, 0.45)  # negative, mixed, positive latent reviews
+
+
+class _Stream:
+  """Uniform floats from one seeded numpy generator, drawn in blocks for speed."""
+
+  def __init__(self, seed: int):
+    self._rng = np.random.default_rng(seed)
+    self._buf: list[float] = []
+    self._i = 0
+
+  def uniform(self) -> float:
+    if self._i == len(self._buf):
+      self._buf = self._rng.random(1 << 16).tolist()
+      self._i = 0
+    self._i += 1
+    return self._buf[self._i - 1]
+
+  def pick(self, seq):
+    return seq[int(self.uniform() * len(seq))]
+
+  def normal(self) -> float:
+    # Sum of four uniforms: close enough to a Gaussian here and deterministic.
+    return (sum(self.uniform() for _ in range(4)) - 2.0) * 1.7320508
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusPaths:
+  """Files written by write_corpus."""
+  out_dir: Path
+  reviews: Path  # JSON lines: {"text", "label", "score"}
+
+
+def _title(s: _Stream) -> str:
+  return f"{s.pick(TITLE_FIRST)} {s.pick(TITLE_SECOND)}"
+
+
+def _person(s: _Stream) -> str:
+  return f"{s.pick(FIRST_NAMES)} {s.pick(LAST_NAMES)}"
+
+
+def _article(word: str) -> str:
+  return "an" if word[0] in "aeiou" else "a"
+
+
+def _graded(s: _Stream, target: float) -> tuple[str, float]:
+  """An adjective phrase ("not very dull") whose polarity is near `target`."""
+  negation, neg_mult = ("", 1.0)
+  if s.uniform() < 0.12 and abs(target) < 1.8:
+    negation, neg_mult = s.pick(NEGATIONS)
+    target = target / neg_mult  # the adjective must overshoot the other way
+  word, mult = s.pick(INTENSIFIERS) if not negation or s.uniform() < 0.3 else ("", 1.0)
+  level = max(-3, min(3, round(target / mult))) or (1 if target >= 0 else -1)
+  adj = s.pick(ADJECTIVES[level])
+  phrase = " ".join(w for w in (negation, word, adj) if w)
+  return phrase, level * mult * neg_mult
+
+
+def _opinion(s: _Stream, target: float, title: str) -> tuple[str, float]:
+  """One sentence that expresses a sentiment near `target`; returns (text, polarity)."""
+  kind = int(s.uniform() * 7)
+  if kind == 0:
+    phrase, p = _graded(s, target)
+    aspect = s.pick(ASPECTS)
+    return f"{aspect.capitalize()} {s.pick(('is', 'was', 'felt', 'seemed'))} {phrase}.", p
+  if kind == 1:
+    phrase, p = _graded(s, target)
+    return (f"{_person(s)} gives {_article(phrase)} {phrase} performance as the "
+            f"{s.pick(PROFESSIONS)}.", p)
+  if kind == 2:
+    phrase, p = _graded(s, target)
+    return f"{title} is {_article(phrase)} {phrase} {s.pick(GENRES)}.", p
+  if kind == 3:
+    phrase, p = _graded(s, target)
+    verb = s.pick(OPINION_VERBS)
+    link = " " if verb == "found" else " was "
+    return f"{s.pick(REVIEWERS)} {verb} {s.pick(ASPECTS)}{link}{phrase}.", p
+  if kind == 4:
+    # A contrast: the clause after "but" weighs more, as readers take it.
+    first, p1 = _graded(s, -target + s.normal())
+    second, p2 = _graded(s, target)
+    return (f"{s.pick(ASPECTS).capitalize()} is {first}, but {s.pick(ASPECTS)} is "
+            f"{second}.", 0.3 * p1 + 0.7 * p2)
+  if kind == 5:
+    verdict, p = min(VERDICTS, key=lambda v: abs(v[1] - target) + 0.8 * s.uniform())
+    return f"{s.pick(VERDICT_OPENERS)} {verdict}.", p
+  phrase, p = _graded(s, target)
+  return f"Watching it was {phrase}, and {s.pick(ASPECTS)} shows why.", p
+
+
+def _neutral(s: _Stream, title: str) -> str:
+  """A plot or context sentence that carries no sentiment."""
+  kind = int(s.uniform() * 6)
+  if kind == 0:
+    return (f"{_article(s.pick(AGES)).capitalize()} {s.pick(AGES)} {s.pick(PROFESSIONS)} "
+            f"{s.pick(PLOT_VERBS)} {s.pick(PLOT_OBJECTS)} in {s.pick(PLACES)}.")
+  if kind == 1:
+    return (f"The story follows {_person(s)}, a {s.pick(PROFESSIONS)} who "
+            f"{s.pick(PLOT_VERBS)} {s.pick(PLOT_OBJECTS)} {s.pick(PLOT_TIMES)}.")
+  if kind == 2:
+    return f"I saw {title} {s.pick(WHEN)} with {s.pick(COMPANY)}."
+  if kind == 3:
+    return f"It was directed by {_person(s)} and stars {_person(s)} and {_person(s)}."
+  if kind == 4:
+    return f"It is based on {_article(s.pick(SOURCES))} {s.pick(SOURCES)} and set in {s.pick(PLACES)}."
+  return f"It runs about {90 + 5 * int(s.uniform() * 13)} minutes and came out in {1970 + int(s.uniform() * 54)}."
+
+
+def _review(s: _Stream) -> dict:
+  u = s.uniform()
+  cls = 0 if u < _CLASS_PROBS[0] else (1 if u < _CLASS_PROBS[0] + _CLASS_PROBS[1] else 2)
+  mu = (cls - 1) * (0.5 + 2.0 * s.uniform()) if cls != 1 else 0.6 * (s.uniform() - 0.5)
+  title = _title(s)
+  n = 2 + int(s.uniform() * 4)  # 2..5 sentences
+  n_opinion = max(1, n - int(s.uniform() * 3))
+  slots = [True] * n_opinion + [False] * (n - n_opinion)
+  # Neutral sentences lean to the front (context first), with some shuffling.
+  slots.sort(key=lambda op: op + 1.5 * s.uniform())
+  sentences, polarities = [], []
+  for is_opinion in slots:
+    if is_opinion:
+      text, p = _opinion(s, mu + 0.9 * s.normal(), title)
+      sentences.append(text)
+      polarities.append(p)
+    else:
+      sentences.append(_neutral(s, title))
+  score = sum(polarities) / len(polarities)
+  label = LABELS[0] if score < -_MIXED_BAND else (LABELS[2] if score > _MIXED_BAND else LABELS[1])
+  return {"text": " ".join(sentences), "label": label, "score": round(score, 4)}
+
+
+def generate_reviews(n_reviews: int = 20000, seed: int = 0) -> list[dict]:
+  """`n_reviews` reviews as {"text", "label", "score"} dicts; a pure function of the seed."""
+  s = _Stream(seed)
+  return [_review(s) for _ in range(n_reviews)]
+
+
+def pretraining_texts(n_reviews: int = 20000, seed: int = 0) -> list[str]:
+  """All review texts, for training the tokenizer and the SFT / pretraining stage."""
+  return [r["text"] for r in generate_reviews(n_reviews, seed)]
+
+
+def write_corpus(out_dir: str | Path, n_reviews: int = 20000, seed: int = 0) -> CorpusPaths:
+  """Writes out_dir/reviews.jsonl; the same seed gives the same bytes."""
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in generate_reviews(n_reviews, seed)]
+  reviews = out_dir / "reviews.jsonl"
+  reviews.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+  return CorpusPaths(out_dir=out_dir, reviews=reviews)
