@@ -1,0 +1,300 @@
+"""Checkpoints under DIR/checkpoints and a clean exit on preemption.
+
+`Checkpointer` is a thin layer over orbax.checkpoint.CheckpointManager that
+adds what the trainer needs and Orbax does not give:
+
+- One call saves a pytree of (possibly sharded) arrays together with a small
+  JSON `meta` dict (data position, adaptive-beta state, config, metrics
+  step), so the two can never come from different steps.
+- Typed PRNG keys are stored as `jax.random.key_data` and wrapped back on
+  restore; Orbax serialises uint32 arrays, not key arrays.
+- `restore_latest` falls back over damaged steps. Orbax lists any finalised
+  step directory as a checkpoint even when a file inside it was later
+  truncated or deleted, and restoring it raises; we log which step is
+  damaged, try the one before, and move the damaged newer steps aside
+  (DIR/checkpoints/damaged/) so the resumed run can save those step numbers
+  again.
+
+Crash safety comes from Orbax itself: a step is written into
+`<step>.orbax-checkpoint-tmp-<n>` and renamed to `<step>` only once every
+process has finished writing (on filesystems with atomic rename; GCS uses a
+commit_success.txt file instead). A process killed mid-save leaves only the
+tmp directory, which Orbax never lists as a step, and which
+`cleanup_tmp_directories` removes when the next Checkpointer opens.
+
+All processes must call save / restore_latest / wait_until_finished / close
+together: Orbax synchronises hosts inside those calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from rcfd_jax.errors import UserError
+
+DAMAGED_SUBDIR = "damaged"
+
+# A damaged step surfaces as many exception types: tensorstore's ValueError
+# for a short file, FileNotFoundError for missing metadata, and Orbax 0.12
+# wraps array read failures in a bare `Exception`. So any Exception counts as
+# "this step is unusable"; the guard against discarding good data is that a
+# step is moved aside only when an older step then restores cleanly (a
+# config/shape mismatch fails every step and moves nothing).
+_DAMAGE_ERRORS = (Exception,)
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+  """First line of an error, clipped: tensorstore errors embed whole specs."""
+  text = str(error).splitlines()[0] if str(error) else ""
+  if len(text) > limit:
+    text = text[:limit] + "..."
+  return f"{type(error).__name__}: {text}"
+
+
+def _is_key(x: Any) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree: Any) -> Any:
+  """Typed PRNG keys -> their uint32 key data, other leaves unchanged."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_key_data(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+  """The abstract uint32 array that `key_data` of an abstract key yields.
+
+  The trailing key-data dimension stays replicated: a PartitionSpec shorter
+  than the rank leaves the remaining dimensions unsharded.
+  """
+  data = jax.eval_shape(jax.random.key_data, x)
+  return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+
+
+def _impl_of(dtype):
+  """PRNG implementation of a key dtype, for wrap_key_data.
+
+  jax.random.key_impl wants a concrete key array and abstract leaves are not
+  one; the dtype's name is no help either ("key<fry>" is not a valid impl
+  name). JAX 0.10 keeps the impl on the dtype as `_impl`.
+  """
+  return dtype._impl  # pylint: disable=protected-access
+
+
+def _data_to_keys(restored: Any, abstract: Any) -> Any:
+  """Wraps restored key data back into typed keys where `abstract` has keys."""
+
+  def wrap(data, target):
+    if not _is_key(target):
+      return data
+    return jax.random.wrap_key_data(data, impl=_impl_of(target.dtype))
+
+  return jax.tree.map(wrap, restored, abstract)
+
+
+class Checkpointer:
+  """Saves and restores (state, meta) pairs under one directory.
+
+  Saves are asynchronous: `save` returns once device arrays are copied to
+  host memory, and the files are written by a background thread while the
+  training loop continues. A second `save` first waits for the previous one.
+  """
+
+  def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
+    """Opens (creating if needed) a checkpoint directory.
+
+    Args:
+      directory: where step directories live, normally DIR/checkpoints.
+      max_to_keep: how many of the latest steps to keep; older ones are
+        deleted after each successful save.
+      async_save: write files in a background thread.
+    """
+    if max_to_keep < 1:
+      raise UserError(f"checkpoint max_to_keep is {max_to_keep}; set config.checkpoint.max_to_keep >= 1")
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
+        enable_async_checkpointing=async_save,
+        # Removes tmp directories that a crash mid-save left behind.
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    """Steps Orbax lists as finalised (damaged ones included), ascending."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+    """Starts saving `state` and `meta` as `step`; returns before files land.
+
+    Args:
+      step: the training step; the caller decides when to save.
+      state: pytree of jax arrays (any sharding), typed PRNG keys and
+        scalars. Do not donate or delete these buffers until `save` returns.
+      meta: JSON-serialisable dict stored beside the arrays.
+    """
+    try:
+      json.dumps(meta)
+    except (TypeError, ValueError) as e:
+      # Fail here, in the training thread, not later in the writer thread.
+      raise TypeError(f"checkpoint meta for step {step} is not JSON-serialisable: {e}") from e
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(_keys_to_data(state)),
+        meta=ocp.args.JsonSave(dict(meta)),
+    )
+    self._manager.save(step, args=args, force=True)
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """Restores the newest step that loads cleanly onto the given shardings.
+
+    Args:
+      abstract_state: pytree like the saved state whose leaves are
+        jax.ShapeDtypeStruct with a `sharding` (jax.eval_shape of the state
+        constructor plus shardings). Typed key leaves are restored as keys.
+
+    Returns:
+      (step, state, meta), or None when the directory holds no step.
+
+    Raises:
+      UserError: steps exist but none can be restored (for example the config
+        changed the model shape); nothing is moved aside in that case.
+    """
+    self._manager.wait_until_finished()
+    self._manager.reload()
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    abstract_data = jax.tree.map(lambda x: _abstract_key_data(x) if _is_key(x) else x, abstract_state)
+    damaged = []
+    last_error = None
+    for step in steps:
+      try:
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_data),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+      except _DAMAGE_ERRORS as e:
+        logging.warning(
+            "checkpoint step %d in %s is damaged and cannot be restored (%s); falling back to the previous step",
+            step, self.directory, _short(e))
+        damaged.append(step)
+        last_error = e
+        continue
+      self._move_aside(damaged)
+      state = _data_to_keys(restored["state"], abstract_state)
+      return step, state, dict(restored["meta"])
+    raise UserError(
+        f"none of the checkpoint steps {sorted(steps)} in {self.directory} can be restored "
+        f"(last error: {_short(last_error)}); "
+        "if the config changed the model or optimizer, use a new --workdir")
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Renames damaged step directories into DIR/checkpoints/damaged/.
+
+    Keeping them (rather than deleting) leaves evidence to debug with, and
+    frees the step numbers the resumed run will save again. The name
+    `damaged` is not a number, so Orbax never lists it as a step.
+    """
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      target_dir = os.path.join(self.directory, DAMAGED_SUBDIR)
+      os.makedirs(target_dir, exist_ok=True)
+      for step in steps:
+        target = os.path.join(target_dir, f"{step}.{time.time_ns()}")
+        os.rename(os.path.join(self.directory, str(step)), target)
+        logging.warning("moved damaged checkpoint step %d to %s", step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("rcfd_jax.checkpoint.move_aside")
+    self._manager.reload()
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the last async save is on disk (call before exiting)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases Orbax's threads."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class PreemptionGuard:
+  """Tells the training loop when to save and stop because of SIGTERM.
+
+  Single process: a SIGTERM handler sets `requested`; the loop checks
+  `should_stop(step)` each step, saves, and exits cleanly.
+
+  Several processes: every process must save the same step, but SIGTERM may
+  reach only some of them. JAX's preemption sync manager (started by
+  jax.distributed.initialize when jax_enable_preemption_service is on)
+  already catches SIGTERM, agrees on a step across hosts, and answers
+  through multihost_utils.reached_preemption_sync_point, which every process
+  must call every step; `should_stop` does that. We then install no handler
+  of our own, which would replace JAX's.
+  """
+
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    self._flag = threading.Event()
+    self._previous: dict[int, Any] = {}
+    self._use_sync = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+    if self._use_sync:
+      return
+    if threading.current_thread() is not threading.main_thread():
+      logging.warning("preemption guard not installed: signal handlers need the main thread")
+      return
+    for sig in signals:
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    # Only set a flag: the handler runs between bytecodes of the training
+    # loop, where saving a checkpoint is not safe.
+    logging.warning("received signal %d; will save a checkpoint and stop after this step", signum)
+    self._flag.set()
+
+  @property
+  def requested(self) -> bool:
+    """True once this process received one of the signals."""
+    return self._flag.is_set()
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to save at `step` and exit; call it every step on every process."""
+    if self._use_sync:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self) -> None:
+    """Restores the signal handlers that were there before."""
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous.clear()
+
+
+@contextlib.contextmanager
+def preemption_guard(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[PreemptionGuard]:
+  """Context manager form of PreemptionGuard: handlers live for the block."""
+  guard = PreemptionGuard(signals)
+  try:
+    yield guard
+  finally:
+    guard.close()
