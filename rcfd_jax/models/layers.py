@@ -37,8 +37,10 @@ class Dense(nnx.Module):
     self.bias = (_param(rngs, nnx.initializers.zeros, (dout,), param_dtype, (names[1],))
                  if use_bias else None)
     self.dtype = dtype
-    self.lora_a: nnx.LoRAParam | None = None
-    self.lora_b: nnx.LoRAParam | None = None
+    # nnx.data: the slots hold parameters once lora.apply fills them, so they
+    # must be pytree data, not static attributes (NNX refuses that switch).
+    self.lora_a: nnx.LoRAParam | None = nnx.data(None)
+    self.lora_b: nnx.LoRAParam | None = nnx.data(None)
     self.lora_scale = 0.0
 
   def __call__(self, x: jax.Array) -> jax.Array:
