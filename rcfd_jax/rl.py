@@ -239,6 +239,14 @@ def whiten(x: Array, eps: float = 1e-8, axis: int | tuple[int, ...] | None = Non
   return centered / (std + eps)
 
 
+def masked_whiten(x_bt: Array, mask_bt: Array, eps: float = 1e-8) -> Array:
+  """Whitens the masked entries of x (PPO's per-token advantages); 0 off the mask."""
+  mean = masked_mean(x_bt, mask_bt)
+  centered_bt = jnp.where(jnp.asarray(mask_bt) != 0, x_bt - mean, 0.0)
+  std = jnp.sqrt(masked_mean(jnp.square(centered_bt), mask_bt))
+  return centered_bt / (std + eps)
+
+
 _whiten = whiten  # rcfd's `whiten` flag shadows the function name inside rcfd.
 
 

@@ -406,3 +406,15 @@ def test_everything_jits():
   loss_eager = rl.ppo_policy_loss(x, x * 0.9, r_b, mask, 0.3)[0]
   np.testing.assert_allclose(jax.jit(rl.ppo_policy_loss, static_argnums=5)(
       x, x * 0.9, r_b, mask, 0.3, "token_mean")[0], loss_eager, **TOL)
+
+
+def test_masked_whiten_matches_numpy_on_masked_entries():
+  rng = np.random.default_rng(7)
+  x = rng.normal(3.0, 2.0, size=(4, 6)).astype(np.float32)
+  mask = rng.random((4, 6)) > 0.3
+  x_masked = np.where(mask, x, 1e6)  # garbage off the mask must not leak in
+  vals = x[mask].astype(np.float64)
+  want = (vals - vals.mean()) / (vals.std() + 1e-8)
+  got = np.asarray(rl.masked_whiten(jnp.asarray(x_masked), jnp.asarray(mask)))
+  np.testing.assert_allclose(got[mask], want, atol=1e-5)
+  assert np.all(got[~mask] == 0)
