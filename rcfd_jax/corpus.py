@@ -206,7 +206,8 @@ def _neutral(s: _Stream, title: str) -> str:
   """A plot or context sentence that carries no sentiment."""
   kind = int(s.uniform() * 6)
   if kind == 0:
-    return (f"{_article(s.pick(AGES)).capitalize()} {s.pick(AGES)} {s.pick(PROFESSIONS)} "
+    age = s.pick(AGES)
+    return (f"{_article(age).capitalize()} {age} {s.pick(PROFESSIONS)} "
             f"{s.pick(PLOT_VERBS)} {s.pick(PLOT_OBJECTS)} in {s.pick(PLACES)}.")
   if kind == 1:
     return (f"The story follows {_person(s)}, a {s.pick(PROFESSIONS)} who "
@@ -216,8 +217,10 @@ def _neutral(s: _Stream, title: str) -> str:
   if kind == 3:
     return f"It was directed by {_person(s)} and stars {_person(s)} and {_person(s)}."
   if kind == 4:
-    return f"It is based on {_article(s.pick(SOURCES))} {s.pick(SOURCES)} and set in {s.pick(PLACES)}."
-  return f"It runs about {90 + 5 * int(s.uniform() * 13)} minutes and came out in {1970 + int(s.uniform() * 54)}."
+    source = s.pick(SOURCES)
+    return f"It is based on {_article(source)} {source} and set in {s.pick(PLACES)}."
+  minutes, year = 90 + 5 * int(s.uniform() * 13), 1970 + int(s.uniform() * 54)
+  return f"It runs about {minutes} minutes and came out in {year}."
 
 
 def _review(s: _Stream) -> dict:
@@ -258,7 +261,8 @@ def write_corpus(out_dir: str | Path, n_reviews: int = 20000, seed: int = 0) -> 
   """Writes out_dir/reviews.jsonl; the same seed gives the same bytes."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in generate_reviews(n_reviews, seed)]
+  lines = [json.dumps(r, sort_keys=True, ensure_ascii=False)
+           for r in generate_reviews(n_reviews, seed)]
   reviews = out_dir / "reviews.jsonl"
   reviews.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
   return CorpusPaths(out_dir=out_dir, reviews=reviews)

@@ -1,0 +1,555 @@
+"""Prompts and demonstrations for RL: load, build the paper's prompts, split, batch.
+
+RCfD needs every prompt x paired with a human demonstration y_d, so the data
+pipeline's product is a list of (prompt ids, demonstration) pairs built the
+way the paper builds them:
+  continuation  Wikipedia (64-token prompt, continuation <= 320 tokens) and
+                IMDB (first 10 tokens of a positive review; the rest is y_d);
+  tldr          Reddit TL;DR comparisons at annotator confidence >= 5,
+                prompt "Summarize: <post>", y_d = the chosen summary;
+  columns       prompt and demonstration read from two columns.
+Rows come through the `datasets` library from local files or a hub id. The
+batcher makes the batch of step s a pure function of (seed, s, batch size),
+so resuming a run needs only the step and every host can build its own share.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import ml_collections
+import numpy as np
+
+from rcfd_jax.errors import UserError
+
+FORMATS = ("columns", "continuation", "tldr")
+OVERFLOWS = ("truncate", "drop", "error")
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_SPLIT_NAMES = ("train", "validation", "valid", "dev", "test")
+_SPLIT_KEY = 2**32 - 1  # seeds the train/validation split apart from the epoch permutations
+_CHUNK = 1024  # rows tokenized per tokenizer call
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The `data` section of a config; experiment configs copy and override it."""
+  c = ml_collections.ConfigDict()
+  c.path = ""  # local .jsonl/.json/.parquet/.csv file or directory, save_to_disk dir, or hub id
+  c.hub_config = ""  # dataset config name for hub ids (e.g. "comparisons"); "" for none
+  c.split = "train"  # split to read; carved into train and validation below
+  c.format = "columns"  # "columns" | "continuation" | "tldr": how prompt and y_d are built
+  c.prompt_column = "prompt"  # columns: the prompt text
+  c.demo_column = "demonstration"  # columns: the demonstration text
+  c.text_column = "text"  # continuation: the text split into prompt and demonstration
+  c.label_column = ""  # keep only rows whose label equals label_value; "" disables the filter
+  c.label_value = ""  # compared as text: "positive", or "1" for IMDB's integer labels
+  c.prompt_tokens = 10  # continuation: the first N tokens are the prompt (IMDB 10, Wikipedia 64)
+  c.demo_max_tokens = 161  # demonstration tokens kept, EOS included (IMDB 160 + EOS)
+  c.prompt_template = "{prompt}"  # wraps the prompt text, e.g. "Summarize: {prompt}" for tldr
+  c.min_confidence = 5  # tldr: keep comparisons with annotator confidence >= this (paper: 5)
+  c.max_prompt_tokens = 64  # fixed prompt width of every batch; longer prompts meet prompt_overflow
+  c.prompt_overflow = "truncate"  # "truncate" (keep the last prompt tokens) | "drop" | "error"
+  c.validation_fraction = 0.05  # share of prompts held out for evaluation
+  c.validation_size = 0  # if > 0, the number of held-out examples (overrides the fraction)
+  c.shuffle_seed = 0  # seeds the split and the per-epoch order of batches
+  c.max_examples = 0  # keep the first N usable rows (after filters); 0 = all
+  return c
+
+
+@dataclasses.dataclass
+class PromptDataset:
+  """Tokenised prompts with their demonstrations; one entry per example."""
+  prompt_ids: list[list[int]]  # policy tokens, special tokens included, <= max_prompt_tokens
+  prompt_texts: list[str]  # what the reward models see as x
+  demo_texts: list[str]  # y_d exactly as truncated to demo_ids (what the RM scores)
+  demo_ids: list[list[int]]  # policy tokens of y_d, <= demo_max_tokens, EOS last
+  extras: list[dict[str, Any]]  # the row's columns that were not consumed
+  fingerprint: str  # cache key of demonstration rewards: config fields, tokenizer, file bytes
+
+  def __len__(self) -> int:
+    return len(self.prompt_ids)
+
+  def subset(self, indices, name: str) -> PromptDataset:
+    """The examples at `indices`, with a fingerprint that names the subset."""
+    idx = [int(i) for i in indices]
+    key = hashlib.sha256(f"{self.fingerprint}:{name}:{idx}".encode()).hexdigest()
+    return PromptDataset([self.prompt_ids[i] for i in idx], [self.prompt_texts[i] for i in idx],
+                         [self.demo_texts[i] for i in idx], [self.demo_ids[i] for i in idx],
+                         [self.extras[i] for i in idx], key)
+
+
+@dataclasses.dataclass
+class DataSplits:
+  train: PromptDataset
+  validation: PromptDataset
+
+
+def load(config: ml_collections.ConfigDict, tokenizer) -> DataSplits:
+  """Reads config.path, builds the prompts and splits them; the trainer's one entry point."""
+  return split(load_prompts(config, tokenizer), config)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _is_local(path: str) -> bool:
+  """Hub ids are "name" or "org/name"; anything else that looks like a path is local."""
+  return (os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~"))
+          or Path(path).suffix in _BUILDERS or path.count("/") > 1)
+
+
+def _hash_and_check_utf8(path: Path, text: bool) -> str:
+  """sha256 of the file; text files must decode as UTF-8, which this checks on the way."""
+  digest, decoder = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")()
+  lines = 1
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+      if text:
+        try:
+          decoder.decode(chunk)
+        except UnicodeDecodeError as e:
+          line = lines + e.object[:e.start].count(b"\n")
+          raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} on line "
+                          f"{line}); re-encode it as UTF-8 (iconv -f latin1 -t utf-8)") from None
+        lines += chunk.count(b"\n")
+  if text:
+    try:
+      decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+      raise UserError(f"{path} is not UTF-8 text (it ends inside a character); "
+                      "re-encode it as UTF-8") from None
+  return digest.hexdigest()
+
+
+def _data_files(root: Path, split_name: str) -> list[Path]:
+  """The files of `split_name` under a directory: named after it, or all files if none is."""
+  files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _BUILDERS)
+  if not files:
+    raise UserError(f"{root} holds no {'/'.join(_BUILDERS)} files")
+
+  def split_of(p: Path) -> str | None:
+    parts = [q.lower() for q in p.relative_to(root).parent.parts] + [p.stem.lower()]
+    for part in parts:
+      for name in _SPLIT_NAMES:
+        if part == name or part.startswith((name + "-", name + "_", name + ".")):
+          return name
+    return None
+
+  named = {p: split_of(p) for p in files}
+  if not any(named.values()):
+    if split_name != "train":
+      raise UserError(f"{root} has no file named after split '{split_name}'; "
+                      "its files form the 'train' split")
+    return files
+  chosen = [p for p, s in named.items() if s == split_name]
+  if not chosen:
+    found = sorted({s for s in named.values() if s})
+    raise UserError(f"{root} has no split '{split_name}'; splits found: {', '.join(found)}")
+  return chosen
+
+
+def _read(config) -> tuple[Any, str]:
+  """The rows of config.path as a datasets.Dataset, and a hash of what was read."""
+  import datasets
+
+  path = str(config.path)
+  if not path:
+    raise UserError("data.path is empty; set it to a local data file/directory or a hub id")
+  bars = datasets.is_progress_bar_enabled()
+  datasets.disable_progress_bars()
+  try:
+    if not _is_local(path):
+      return _read_hub(datasets, path, config)
+    root = Path(path).expanduser()
+    if not root.exists():
+      raise UserError(f"data file {root} does not exist; check data.path")
+    if root.is_dir() and ((root / "state.json").exists() or (root / "dataset_dict.json").exists()):
+      ds = datasets.load_from_disk(str(root))
+      if isinstance(ds, datasets.DatasetDict):
+        if config.split not in ds:
+          raise UserError(f"{root} has no split '{config.split}'; splits: {', '.join(ds)}")
+        ds = ds[config.split]
+      return ds, ds._fingerprint
+    files = [root] if root.is_file() else _data_files(root, config.split)
+    suffixes = {p.suffix for p in files}
+    if len(suffixes) > 1 or files[0].suffix not in _BUILDERS:
+      raise UserError(f"data files must share one of the suffixes {', '.join(_BUILDERS)}; "
+                      f"got {', '.join(sorted(suffixes))} under {root}")
+    builder = _BUILDERS[files[0].suffix]
+    hashes = [_hash_and_check_utf8(p, text=builder != "parquet") for p in files]
+    try:
+      ds = datasets.load_dataset(builder, data_files={"rows": [str(p) for p in files]},
+                                 split="rows")
+    except Exception as e:  # datasets wraps parser errors in several types
+      cause = e
+      while cause is not None and not isinstance(cause, UnicodeDecodeError):
+        cause = cause.__cause__ or cause.__context__
+      detail = (str(e).splitlines() or [""])[0]
+      what = ("is not UTF-8 text" if cause is not None
+              else f"could not be read as {builder} ({type(e).__name__}: {detail})")
+      raise UserError(f"{root} {what}; check the file format") from None
+    return ds, hashlib.sha256(json.dumps(hashes).encode()).hexdigest()
+  finally:
+    if bars:
+      datasets.enable_progress_bars()
+
+
+def _read_hub(datasets, path: str, config) -> tuple[Any, str]:
+  offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+  try:
+    ds = datasets.load_dataset(path, config.hub_config or None, split=config.split)
+  except Exception as e:  # offline, unknown id, missing config: all fixed the same way
+    why = "the hub is offline here" if offline else f"loading it failed ({type(e).__name__})"
+    raise UserError(f"data.path '{path}' looks like a hub dataset id and {why}; download it "
+                    "where there is network (datasets.load_dataset(...).to_parquet(FILE)) and "
+                    "set data.path to the local file") from None
+  return ds, ds._fingerprint
+
+
+def _require_columns(columns, needed, path) -> None:
+  for col in needed:
+    if col not in columns:
+      raise UserError(f"column '{col}' is not in {path}; available columns: "
+                      f"{', '.join(columns)}")
+
+
+def _text(value, column: str, row: int) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, bytes):
+    try:
+      return value.decode("utf-8")
+    except UnicodeDecodeError:
+      raise UserError(f"column '{column}' row {row} holds bytes that are not UTF-8 text; "
+                      "re-encode the data as UTF-8") from None
+  if not isinstance(value, str):
+    raise UserError(f"column '{column}' row {row} holds {type(value).__name__}, not text")
+  return value
+
+
+def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+  """Token ids of `texts`; the Rust backend directly when there is one (5x faster)."""
+  if not texts:
+    return []
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is None:
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+  return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
+
+
+# ---------------------------------------------------------------------- rows -> texts
+
+
+@dataclasses.dataclass
+class _Row:
+  index: int  # row number in the file(s), for error messages
+  prompt: str | list[int]  # text, or the prompt's content tokens (continuation)
+  demo: str | list[int]  # text, or tokens (continuation)
+  extras: dict[str, Any]
+
+
+def _rows(ds, config, tokenizer) -> Iterator[_Row]:
+  """Rows that pass the filters, in file order, as prompt/demonstration pairs."""
+  fmt, path = config.format, config.path
+  cols = list(ds.column_names)
+  needed = {"columns": [config.prompt_column, config.demo_column],
+            "continuation": [config.text_column],
+            "tldr": ["info", "summaries", "choice", "extra"]}[fmt]
+  _require_columns(cols, needed + ([config.label_column] if config.label_column else []), path)
+  consumed = set(needed) if fmt != "tldr" else {"info", "summaries"}
+  start = 0
+  for batch in ds.iter(batch_size=_CHUNK):
+    n = len(batch[cols[0]])
+    keep = [j for j in range(n) if not config.label_column
+            or str(batch[config.label_column][j]) == str(config.label_value)]
+    extras = [{c: batch[c][j] for c in cols if c not in consumed} for j in keep]
+    if fmt == "columns":
+      for j, ex in zip(keep, extras):
+        prompt = _text(batch[config.prompt_column][j], config.prompt_column, start + j)
+        demo = _text(batch[config.demo_column][j], config.demo_column, start + j)
+        yield _Row(start + j, prompt, demo, ex)
+    elif fmt == "continuation":
+      texts = [_text(batch[config.text_column][j], config.text_column, start + j) for j in keep]
+      ids = _encode(tokenizer, texts, special=False)
+      for j, ex, t in zip(keep, extras, ids):
+        if len(t) > config.prompt_tokens:  # too short to leave a demonstration: skipped
+          yield _Row(start + j, t[:config.prompt_tokens], t[config.prompt_tokens:], ex)
+    else:
+      for j, ex in zip(keep, extras):
+        confidence = (batch["extra"][j] or {}).get("confidence")
+        info, summaries = batch["info"][j] or {}, batch["summaries"][j] or []
+        post = _text(info.get("post"), "info.post", start + j)
+        if confidence is None or confidence < config.min_confidence or not post.strip():
+          continue  # low confidence, or a CNN/DM article row with no Reddit post
+        choice = batch["choice"][j]
+        if not isinstance(choice, int) or not 0 <= choice < len(summaries):
+          raise UserError(f"tldr row {start + j}: choice {choice!r} does not index its "
+                          f"{len(summaries)} summaries")
+        demo = _text(summaries[choice].get("text"), "summaries.text", start + j)
+        ex["info"] = {k: v for k, v in info.items() if k != "post"}
+        yield _Row(start + j, post, demo, ex)
+    start += n
+
+
+# -------------------------------------------------------------------- tokenization
+
+
+class _Prompter:
+  """Applies the template and fits prompts into max_prompt_tokens."""
+
+  def __init__(self, config, tokenizer):
+    template = config.prompt_template
+    if template.count("{prompt}") != 1:
+      raise UserError(f"data.prompt_template must contain '{{prompt}}' once; got {template!r}")
+    self.tok, self.config = tokenizer, config
+    self.before, self.after = template.split("{prompt}")
+    self.special = _encode(tokenizer, [""], special=True)[0]
+    self.before_ids, self.after_ids = _encode(tokenizer, [self.before, self.after], special=False)
+    self.room = config.max_prompt_tokens - len(self.special + self.before_ids + self.after_ids)
+
+  def __call__(self, rows: list[_Row]) -> list[tuple[list[int], str] | None]:
+    """(ids, text) per row, or None for a row that overflow="drop" drops."""
+    texts = [r.prompt for r in rows if isinstance(r.prompt, str)]
+    full = iter(_encode(self.tok, [self.before + t + self.after for t in texts], special=True))
+    out = []
+    for r in rows:
+      if isinstance(r.prompt, str):
+        ids, text = next(full), self.before + r.prompt + self.after
+        if len(ids) <= self.config.max_prompt_tokens:
+          out.append((ids, text))
+          continue
+        content = _encode(self.tok, [r.prompt], special=False)[0]
+      else:
+        content = r.prompt
+      ids = self.special + self.before_ids + content + self.after_ids
+      if len(ids) > self.config.max_prompt_tokens:
+        if self.config.prompt_overflow == "drop":
+          out.append(None)
+          continue
+        if self.config.prompt_overflow == "error" or self.room <= 0:
+          raise UserError(
+              f"row {r.index}: the prompt has {len(ids)} tokens, more than "
+              f"data.max_prompt_tokens={self.config.max_prompt_tokens}"
+              + (f" (the template alone takes {len(ids) - len(content)})" if self.room <= 0
+                 else "; raise it or set data.prompt_overflow to truncate or drop"))
+        content = content[len(content) - self.room:]  # keep the end, nearest the reply
+        ids = self.special + self.before_ids + content + self.after_ids
+      text = self.before + self.tok.decode(content, skip_special_tokens=True) + self.after
+      out.append((ids, text))
+    for r in rows:
+      if isinstance(r.prompt, str) and not r.prompt.strip():
+        raise UserError(f"row {r.index}: the prompt is empty; every example needs one")
+    return out
+
+
+def _demos(rows: list[_Row], config, tokenizer) -> list[tuple[list[int], str]]:
+  """Demonstration ids truncated to demo_max_tokens with EOS last, and the matching text."""
+  keep = config.demo_max_tokens - 1
+  texts = [r.demo for r in rows if isinstance(r.demo, str)]
+  for r in rows:
+    if isinstance(r.demo, str) and not r.demo.strip():
+      raise UserError(f"row {r.index}: the demonstration is empty; every prompt needs one "
+                      "(filter such rows out of the data)")
+  encoded = iter(_encode(tokenizer, texts, special=False))
+  out = []
+  for r in rows:
+    ids = next(encoded) if isinstance(r.demo, str) else r.demo
+    text = r.demo if isinstance(r.demo, str) and len(ids) <= keep else None
+    ids = ids[:keep]
+    text = text or tokenizer.decode(ids, skip_special_tokens=True)
+    out.append((ids + [tokenizer.eos_token_id], text))
+  return out
+
+
+def _check_config(config, tokenizer) -> None:
+  if config.format not in FORMATS:
+    raise UserError(f"data.format must be one of {', '.join(FORMATS)}; got {config.format!r}")
+  if config.prompt_overflow not in OVERFLOWS:
+    raise UserError(f"data.prompt_overflow must be one of {', '.join(OVERFLOWS)}; "
+                    f"got {config.prompt_overflow!r}")
+  if config.demo_max_tokens < 2:
+    raise UserError("data.demo_max_tokens must be >= 2 (one token and the EOS)")
+  if config.max_prompt_tokens < 1 or (config.format == "continuation" and config.prompt_tokens < 1):
+    raise UserError("data.max_prompt_tokens and data.prompt_tokens must be >= 1")
+  if tokenizer.eos_token_id is None:
+    raise UserError("the policy tokenizer has no EOS token; demonstrations must end with one")
+
+
+def _tokenizer_hash(tokenizer) -> str:
+  """Covers vocabulary, merges, normalizer and special tokens: all that changes token ids."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  text = backend.to_str() if backend else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_prompts(config: ml_collections.ConfigDict, tokenizer) -> PromptDataset:
+  """All usable examples of config.path, built as config.format says, in file order."""
+  _check_config(config, tokenizer)
+  ds, source_hash = _read(config)
+  fields = {k: config[k] for k in (
+      "split", "hub_config", "format", "prompt_column", "demo_column", "text_column",
+      "label_column", "label_value", "prompt_tokens", "demo_max_tokens", "prompt_template",
+      "min_confidence", "max_prompt_tokens", "prompt_overflow", "max_examples")}
+  fingerprint = hashlib.sha256(json.dumps(
+      [fields, _tokenizer_hash(tokenizer), source_hash], sort_keys=True).encode()).hexdigest()
+  prompter = _Prompter(config, tokenizer)
+  out = PromptDataset([], [], [], [], [], fingerprint)
+  rows = _rows(ds, config, tokenizer)
+  while not config.max_examples or len(out) < config.max_examples:
+    chunk = [r for _, r in zip(range(_CHUNK), rows)]
+    if not chunk:
+      break
+    for r, p, (d_ids, d_text) in zip(chunk, prompter(chunk), _demos(chunk, config, tokenizer)):
+      if p is None or (config.max_examples and len(out) >= config.max_examples):
+        continue
+      out.prompt_ids.append(p[0])
+      out.prompt_texts.append(p[1])
+      out.demo_ids.append(d_ids)
+      out.demo_texts.append(d_text)
+      out.extras.append(r.extras)
+  if not out.prompt_ids:
+    raise UserError(f"no examples left in {config.path} after filtering (format={config.format}, "
+                    f"label {config.label_column or '-'}={config.label_value!r}, "
+                    f"min_confidence={config.min_confidence}); check the filters")
+  return out
+
+
+# ------------------------------------------------------------------------- splitting
+
+
+def split(ds: PromptDataset, config: ml_collections.ConfigDict) -> DataSplits:
+  """Holds out whole prompts (seeded), so no prompt of the validation set is trained on.
+
+  TL;DR has several comparisons per post: splitting rows would leak posts.
+  """
+  groups: dict[str, list[int]] = {}
+  for i, text in enumerate(ds.prompt_texts):
+    groups.setdefault(text, []).append(i)
+  order = list(groups.values())
+  size = config.validation_size or int(round(config.validation_fraction * len(ds)))
+  if config.validation_fraction > 0 or config.validation_size > 0:
+    size = max(size, 1)
+  if not 0 <= config.validation_fraction < 1 or size >= len(ds) or config.validation_size < 0:
+    raise UserError(f"data.validation_size/validation_fraction hold out {size} of {len(ds)} "
+                    "examples; leave some for training")
+  held: list[int] = []
+  for g in np.random.default_rng([config.shuffle_seed, _SPLIT_KEY]).permutation(len(order)):
+    if len(held) >= size:
+      break
+    held.extend(order[g])
+  held_set = set(held)
+  if len(held_set) == len(ds):
+    raise UserError(f"validation took every example of {len(ds)} (few distinct prompts); "
+                    "lower data.validation_size or validation_fraction")
+  train = [i for i in range(len(ds)) if i not in held_set]
+  return DataSplits(ds.subset(train, "train"), ds.subset(sorted(held_set), "validation"))
+
+
+# -------------------------------------------------------------------------- batching
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+  """Where a step's batch starts in the stream of epochs; checkpoints store it."""
+  epoch: int
+  offset: int  # index in the epoch's permutation of the batch's first example
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """One process's share of a global batch; array shapes never change between steps."""
+  prompt_ids: np.ndarray  # [b, max_prompt_tokens] int32, left-padded
+  prompt_mask: np.ndarray  # [b, max_prompt_tokens] int32, 1 on prompt tokens
+  demo_ids: np.ndarray  # [b, demo_max_tokens] int32, right-padded, EOS included
+  demo_mask: np.ndarray  # [b, demo_max_tokens] int32
+  indices: np.ndarray  # [b] int64 positions of the examples in the dataset
+  prompt_texts: list[str]
+  demo_texts: list[str]
+  position: DataPosition  # of the global batch, the same on every process
+
+
+class Batcher:
+  """Global batch of step s = a pure function of (seed, s, global batch size).
+
+  The examples form an endless stream of epochs, epoch e being the dataset in
+  the order np.random.default_rng([seed, e]).permutation(n); step s takes
+  stream positions [s * B, (s + 1) * B). Every example comes once per epoch,
+  a batch may straddle two epochs, and resuming needs only the step.
+  """
+
+  def __init__(self, dataset: PromptDataset, global_batch_size: int,
+               config: ml_collections.ConfigDict, pad_id: int):
+    if len(dataset) == 0:
+      raise UserError("cannot batch an empty dataset")
+    if global_batch_size < 1:
+      raise UserError(f"global batch size must be >= 1; got {global_batch_size}")
+    self.dataset, self.global_batch_size, self.pad_id = dataset, global_batch_size, pad_id
+    self.seed = config.shuffle_seed
+    self.prompt_len, self.demo_len = config.max_prompt_tokens, config.demo_max_tokens
+    self._perms: dict[int, np.ndarray] = {}
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      if len(self._perms) > 2:
+        self._perms.pop(min(self._perms))
+      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+    return self._perms[epoch]
+
+  def position(self, step: int) -> DataPosition:
+    epoch, offset = divmod(step * self.global_batch_size, len(self.dataset))
+    return DataPosition(int(epoch), int(offset))
+
+  def state(self, step: int) -> dict[str, Any]:
+    """What a checkpoint stores to check, on resume, that the data stream is the same."""
+    pos = self.position(step)
+    return dict(step=step, epoch=pos.epoch, offset=pos.offset, seed=self.seed,
+                global_batch_size=self.global_batch_size, num_examples=len(self.dataset),
+                fingerprint=self.dataset.fingerprint)
+
+  def check_state(self, step: int, saved: dict[str, Any]) -> None:
+    """Raises UserError if a checkpoint's data state differs from this batcher's at `step`."""
+    now = self.state(step)
+    diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if diff:
+      raise UserError(f"the data stream differs from the checkpoint's ({'; '.join(diff)}); "
+                      "resume with the same data, tokenizer, seed and batch size")
+
+  def indices(self, step: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    """Dataset indices of this process's contiguous share of the global batch of `step`."""
+    if self.global_batch_size % process_count:
+      raise UserError(f"global batch size {self.global_batch_size} is not divisible by the "
+                      f"{process_count} processes")
+    local = self.global_batch_size // process_count
+    pos = step * self.global_batch_size + process_index * local + np.arange(local)
+    epochs, offsets = np.divmod(pos, len(self.dataset))
+    return np.concatenate([self._perm(int(e))[offsets[epochs == e]] for e in np.unique(epochs)])
+
+  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
+    return self.gather(self.indices(step, process_index, process_count), self.position(step))
+
+  def gather(self, indices, position: DataPosition | None = None) -> Batch:
+    """Pads the examples at `indices` into fixed-shape arrays (also for evaluation)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    b = len(indices)
+    prompt = np.full((b, self.prompt_len), self.pad_id, np.int32)
+    demo = np.full((b, self.demo_len), self.pad_id, np.int32)
+    prompt_mask = np.zeros((b, self.prompt_len), np.int32)
+    demo_mask = np.zeros((b, self.demo_len), np.int32)
+    for row, i in enumerate(indices):
+      p, d = self.dataset.prompt_ids[i], self.dataset.demo_ids[i]
+      if len(p) > self.prompt_len or len(d) > self.demo_len:
+        raise UserError(f"example {i} is longer than max_prompt_tokens/demo_max_tokens; the "
+                        "dataset was built with another data config")
+      prompt[row, self.prompt_len - len(p):], prompt_mask[row, self.prompt_len - len(p):] = p, 1
+      demo[row, :len(d)], demo_mask[row, :len(d)] = d, 1
+    return Batch(prompt, prompt_mask, demo, demo_mask, indices,
+                 [self.dataset.prompt_texts[i] for i in indices],
+                 [self.dataset.demo_texts[i] for i in indices],
+                 position or DataPosition(-1, -1))
