@@ -81,6 +81,9 @@ def test_without_adapters_is_exactly_the_base_model(ckpt, base_logits):
   graphdef, state = nnx.split(model)
   ref = np.asarray(_forward(graphdef, lora.without_adapters(state), IDS, MASK))
   np.testing.assert_array_equal(ref, base_logits)
+  # Inside jit too, as the train step uses it for the reference policy.
+  in_jit = jax.jit(lambda s: _forward.__wrapped__(graphdef, lora.without_adapters(s), IDS, MASK))(state)
+  np.testing.assert_allclose(np.asarray(in_jit), base_logits, atol=1e-6, rtol=0)
   # The state itself is untouched: adapters still apply.
   np.testing.assert_array_equal(forward(model), logits)
 
