@@ -85,6 +85,7 @@ class PromptDataset:
 
 @dataclasses.dataclass
 class DataSplits:
+  """Train and held-out prompts; no prompt text is in both."""
   train: PromptDataset
   validation: PromptDataset
 
