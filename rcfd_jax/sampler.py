@@ -117,14 +117,23 @@ def choose(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array, top_k: 
 
   temperature 0 means greedy. The full-vocabulary sort of truncate_logits
   runs only when top-k or top-p is switched on (lax.cond on the traced
-  values), so plain sampling costs one Gumbel draw over the vocabulary.
+  values). Drawing is by inverse CDF, one uniform per row: the Gumbel-max
+  trick (jax.random.categorical) needs a random number per vocabulary entry,
+  and threefry for [B, V] bits cost more than the whole decode step of a
+  small model on CPU. A token of probability 0 (filtered out) is never
+  drawn: u < total mass, and the first cumulative sum above u sits on a
+  token whose own probability is positive.
   """
   logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
   greedy = jnp.argmax(logits_bv, axis=-1)
   scaled = logits_bv / jnp.where(temperature > 0, temperature, 1.0)
   scaled = jax.lax.cond((top_k > 0) | (top_p < 1.0), truncate_logits, lambda x, *_: x,
                         scaled, top_k, top_p)
-  drawn = jax.random.categorical(key, scaled, axis=-1)
+  cdf_bv = jnp.cumsum(jax.nn.softmax(scaled, axis=-1), axis=-1)
+  total_b1 = cdf_bv[:, -1:]
+  u_b1 = jnp.minimum(jax.random.uniform(key, total_b1.shape) * total_b1,
+                     jnp.nextafter(total_b1, jnp.zeros_like(total_b1)))
+  drawn = (cdf_bv <= u_b1).sum(-1)
   tok = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
   return tok, jnp.take_along_axis(logp_bv, tok[:, None], axis=-1)[:, 0]
 
