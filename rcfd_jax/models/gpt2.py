@@ -95,9 +95,8 @@ class Block(nnx.Module):
     q, k, v = jnp.split(self.c_attn(self.ln_1(x)), 3, axis=-1)
     q, k, v = (L.split_heads(t, self.heads) for t in (q, k, v))
     if kv is not None:
-      k = L.write_cache(kv[0], k, index)
-      v = L.write_cache(kv[1], v, index)
-      kv = (k, v)
+      kv = (L.write_cache(kv[0], k, index), L.write_cache(kv[1], v, index))
+      k, v = L.cache_view(kv[0]), L.cache_view(kv[1])
     a = L.attention(q, k, v, mask, scale=self.scale)
     x = x + self.c_proj(L.merge_heads(a))
     x = x + self.mlp_proj(self.act(self.c_fc(self.ln_2(x))))
@@ -148,7 +147,7 @@ class GPT2(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype=None):
     c = self.config
-    shape = (batch, max_len, c.n_head, c.n_embd // c.n_head)
+    shape = (batch, c.n_head, max_len, c.n_embd // c.n_head)  # head-major, see L.write_cache
     z = lambda: jnp.zeros(shape, dtype or self.dtype)
     return tuple((z(), z()) for _ in range(c.n_layer))
 

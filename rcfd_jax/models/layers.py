@@ -168,8 +168,20 @@ def last_token_index(mask: jax.Array) -> jax.Array:
 
 
 def write_cache(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-  """Writes new [B, T, ...] into cache [B, S, ...] at slot `index`."""
-  return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
+  """Writes new [B, T, Hkv, D] into a head-major cache [B, Hkv, S, D] at slot `index`.
+
+  Head-major because attention contracts over D with (B, Hkv) as batch
+  dimensions, and XLA's CPU dot wants batch dimensions major: with a
+  slot-major [B, S, Hkv, D] cache it transposed the whole cache on every
+  decode step, which made sampling 1.3-1.9x slower.
+  """
+  return jax.lax.dynamic_update_slice_in_dim(cache, new.swapaxes(1, 2).astype(cache.dtype), index,
+                                             axis=2)
+
+
+def cache_view(cache: jax.Array) -> jax.Array:
+  """A head-major cache [B, Hkv, S, D] as attention's [B, S, Hkv, D]; XLA folds the transpose."""
+  return cache.swapaxes(1, 2)
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:

@@ -211,9 +211,8 @@ class Block(nnx.Module):
     k = apply_rope(L.split_heads(self.k_proj(h), self.kv_heads), positions, inv_freq)
     v = L.split_heads(self.v_proj(h), self.kv_heads)
     if kv is not None:
-      k = L.write_cache(kv[0], k, index)
-      v = L.write_cache(kv[1], v, index)
-      kv = (k, v)
+      kv = (L.write_cache(kv[0], k, index), L.write_cache(kv[1], v, index))
+      k, v = L.cache_view(kv[0]), L.cache_view(kv[1])
     x = x + self.o_proj(L.merge_heads(L.attention(q, k, v, mask)))
     h = self.post_attention_layernorm(x)
     x = x + self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
@@ -268,7 +267,7 @@ class Llama(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype=None):
     c = self.config
-    shape = (batch, max_len, c.num_key_value_heads, c.head_dim)
+    shape = (batch, c.num_key_value_heads, max_len, c.head_dim)  # head-major, see L.write_cache
     z = lambda: jnp.zeros(shape, dtype or self.dtype)
     return tuple((z(), z()) for _ in range(c.num_hidden_layers))
 
