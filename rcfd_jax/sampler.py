@@ -88,34 +88,66 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, length: int | Non
   return ids, mask
 
 
-def truncate_logits(logits_bv: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-  """Sets logits outside the top-k / nucleus (top-p) set to -inf.
+def _sortable(x: jax.Array) -> jax.Array:
+  """float32 -> uint32 with the same order (IEEE bits, negatives flipped)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return jnp.where((bits >> 31) != 0, ~bits, bits | jnp.uint32(0x80000000))
 
-  top_k <= 0 and top_p >= 1 each disable their filter. Both are traced, so
-  the kept set is found from one descending sort: the k-th largest value
-  is the top-k threshold, and the nucleus keeps each token whose
-  higher-ranked tokens hold less than top_p of the (top-k renormalised)
-  mass, i.e. the smallest set reaching top_p, as transformers does. The top
-  token is always kept. Ties at the threshold are all kept.
+
+def _largest_threshold(key_bv: jax.Array, ok) -> jax.Array:
+  """Per row, the largest t in [min, max] of key_bv with ok(t) [B, 1] true.
+
+  ok must be monotone (true up to some t, false beyond). Bisection over the
+  32-bit keys is exact after 32 steps, each one compare-and-reduce pass over
+  the vocabulary: on CPU that is about 12x cheaper than XLA's comparator
+  sort of [B, V] (4 ms per step at B=32, V=1000), and it needs no static k.
   """
-  v = logits_bv.shape[-1]
-  rank = jnp.arange(v)
-  desc = -jnp.sort(-logits_bv, axis=-1)
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-  desc = jnp.where(rank < k, desc, -jnp.inf)
-  probs = jax.nn.softmax(desc, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = (rank < k) & ((mass_before < top_p) | (rank == 0))
-  n_keep = keep.sum(-1, keepdims=True)
-  threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
-  return jnp.where(logits_bv >= threshold, logits_bv, -jnp.inf)
+  lo = key_bv.min(-1, keepdims=True)
+  hi = key_bv.max(-1, keepdims=True)
+
+  def step(_, bounds):
+    lo, hi = bounds
+    gap = hi - lo
+    mid = lo + gap // 2 + gap % 2  # ceil midpoint without uint32 overflow
+    good = ok(mid)
+    return jnp.where(good, mid, lo), jnp.where(good, hi, jnp.where(mid > lo, mid - 1, lo))
+
+  return jax.lax.fori_loop(0, 32, step, (lo, hi))[0]
+
+
+def truncate_logits(logits_bv: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Sets logits outside the top-k, then nucleus (top-p), set to -inf.
+
+  top_k <= 0 and top_p >= 1 each disable their filter. The top-k set is
+  every token at or above the k-th largest logit; the nucleus is the
+  smallest set of most likely tokens (after top-k, renormalised) whose mass
+  reaches top_p, as in transformers. Both are found as thresholds by
+  bisection, so k and p stay traced. The top token is always kept; ties at
+  a threshold are all kept.
+  """
+  key_bv = _sortable(logits_bv)
+  k_thresh = _largest_threshold(key_bv, lambda t: (key_bv >= t).sum(-1, keepdims=True) >= top_k)
+  logits_bv = jnp.where((top_k <= 0) | (key_bv >= k_thresh), logits_bv, -jnp.inf)
+  probs_bv = jax.nn.softmax(logits_bv, axis=-1)
+  key_bv = _sortable(logits_bv)
+  p_thresh = _largest_threshold(
+      key_bv, lambda t: jnp.where(key_bv >= t, probs_bv, 0.0).sum(-1, keepdims=True) >= top_p)
+  return jnp.where((top_p >= 1.0) | (key_bv >= p_thresh), logits_bv, -jnp.inf)
+
+
+def _argmax(x_bv: jax.Array) -> jax.Array:
+  """First index of the row maximum; two plain reductions vectorise on CPU where
+  jnp.argmax's (value, index) reduction does not (6x faster at V=1000)."""
+  top = x_bv.max(-1, keepdims=True)
+  v = x_bv.shape[-1]
+  return jnp.where(x_bv == top, jnp.arange(v), v).min(-1)
 
 
 def choose(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One token per row and its log-prob under the unmodified distribution.
 
-  temperature 0 means greedy. The full-vocabulary sort of truncate_logits
+  temperature 0 means greedy. The threshold search of truncate_logits
   runs only when top-k or top-p is switched on (lax.cond on the traced
   values). Drawing is by inverse CDF, one uniform per row: the Gumbel-max
   trick (jax.random.categorical) needs a random number per vocabulary entry,
@@ -125,7 +157,7 @@ def choose(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array, top_k: 
   token whose own probability is positive.
   """
   logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
-  greedy = jnp.argmax(logits_bv, axis=-1)
+  greedy = _argmax(logits_bv)
   scaled = logits_bv / jnp.where(temperature > 0, temperature, 1.0)
   scaled = jax.lax.cond((top_k > 0) | (top_p < 1.0), truncate_logits, lambda x, *_: x,
                         scaled, top_k, top_p)

@@ -190,6 +190,31 @@ def test_greedy_matches_transformers_llama_gqa(tmp_path):
   assert (got[:, want.shape[1]:] == PAD).all()
 
 
+def _np_truncate(logits, k, p):
+  """Sort-based reference: top-k, then the smallest nucleus reaching mass p."""
+  out = logits.copy()
+  if 0 < k < len(out):
+    out[out < np.sort(out)[-k]] = -np.inf
+  if p < 1:
+    desc = np.sort(out)[::-1]
+    probs = np.exp(desc - desc.max())
+    probs /= probs.sum()
+    before = np.cumsum(probs) - probs
+    out[out < desc[max(int((before < p).sum()), 1) - 1]] = -np.inf
+  return out
+
+
+def test_truncate_logits_matches_sort_reference():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 50)).astype(np.float32) * 3
+  logits[1, :5] = logits[1].max()  # ties at the top
+  fn = jax.jit(sampler.truncate_logits)
+  for k, p in ((0, 0.5), (5, 1.0), (5, 0.7), (1, 1.0), (0, 1e-6), (80, 0.95), (3, 0.0)):
+    got = np.asarray(fn(jnp.asarray(logits), jnp.int32(k), jnp.float32(p)))
+    want = np.stack([_np_truncate(row, k, p) for row in logits])
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=f"k={k} p={p}")
+
+
 def test_pad_prompts_checks_lengths():
   ids, mask = sampler.pad_prompts([[3, 4, 5], [6]], PAD, 4)
   np.testing.assert_array_equal(ids, [[0, 3, 4, 5], [0, 0, 0, 6]])
