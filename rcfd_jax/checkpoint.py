@@ -19,8 +19,10 @@ Crash safety comes from Orbax itself: a step is written into
 `<step>.orbax-checkpoint-tmp-<n>` and renamed to `<step>` only once every
 process has finished writing (on filesystems with atomic rename; GCS uses a
 commit_success.txt file instead). A process killed mid-save leaves only the
-tmp directory, which Orbax never lists as a step, and which
-`cleanup_tmp_directories` removes when the next Checkpointer opens.
+tmp directory, which Orbax never lists as a step; `cleanup_tmp_directories`
+deletes it in the background once the next Checkpointer opens (Orbax waits
+for that before its first save). tests/test_checkpoint.py simulates the
+crash by renaming a finished step back to a tmp name and truncating it.
 
 All processes must call save / restore_latest / wait_until_finished / close
 together: Orbax synchronises hosts inside those calls.
@@ -192,14 +194,16 @@ class Checkpointer:
             "checkpoint step %d in %s is damaged and cannot be restored (%s); falling back to the previous step",
             step, self.directory, _short(e))
         damaged.append(step)
-        last_error = e
+        # Keep text, not the exception: its traceback pins Orbax's abandoned
+        # read coroutines (and their buffers) in a reference cycle.
+        last_error = _short(e)
         continue
       self._move_aside(damaged)
       state = _data_to_keys(restored["state"], abstract_state)
       return step, state, dict(restored["meta"])
     raise UserError(
         f"none of the checkpoint steps {sorted(steps)} in {self.directory} can be restored "
-        f"(last error: {_short(last_error)}); "
+        f"(last error: {last_error}); "
         "if the config changed the model or optimizer, use a new --workdir")
 
   def _move_aside(self, steps: list[int]) -> None:
