@@ -1,0 +1,136 @@
+"""Every config field, its default and a one-line meaning; plus checks run before training.
+
+Experiment files in configs/ start from `base()` and override what differs.
+Fields are read directly (config.rl.beta); a misspelt override fails at the
+command line because configs are locked.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from rcfd_jax import data
+from rcfd_jax.errors import UserError
+
+OBJECTIVES = ("max", "kl", "weighted", "rcfd")
+ALGORITHMS = ("reinforce", "ppo")
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                        # seeds parameters of new heads, sampling and data order
+  c.total_steps = 100               # RL iterations (one rollout batch each)
+  c.log_every_steps = 1             # metrics come off the device only on these steps
+
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = "float32"         # parameters and activations: float32 | bfloat16 (logits stay fp32)
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0             # 0 = full fine-tuning; >0 = LoRA adapters, pi_0 = adapters off
+  c.model.lora.alpha = 64.0         # LoRA scale is alpha / rank
+  c.model.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # Dense attribute names to adapt
+
+  c.policy = ml_collections.ConfigDict()
+  c.policy.path = ""                # HF model directory or hub id of the initial (SFT) policy
+
+  c.data = data.default_data_config()
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.prompts_per_step = 8    # B: prompts per iteration (global, over all processes)
+  c.rollout.samples_per_prompt = 1  # k: completions per prompt (leave-one-out needs k >= 2)
+  c.rollout.max_new_tokens = 32     # N: generation budget
+  c.rollout.temperature = 1.0       # sampling temperature
+  c.rollout.top_k = 0               # 0 disables top-k
+  c.rollout.top_p = 1.0             # 1.0 disables nucleus sampling
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.sources = ("loglik",)    # reward vector: loglik | length | classifier | function (first = primary)
+  c.reward.cache_dir = "~/.cache/rcfd_jax/demo_rewards"  # demonstration rewards, keyed by RM, tokenizer, data
+  c.reward.demo_batch_size = 32     # batch for scoring demonstrations once per dataset
+  c.reward.classifier = ml_collections.ConfigDict()
+  c.reward.classifier.path = ""     # HF *ForSequenceClassification directory or hub id
+  c.reward.classifier.label_index = 0  # which logit is the reward (1 = positive for a sentiment model)
+  c.reward.classifier.max_tokens = 512  # RM input length when it re-tokenizes text
+  c.reward.function = ml_collections.ConfigDict()
+  c.reward.function.name = ""       # registered reward function (rcfd_jax.rewards.register)
+  c.reward.function.module = ""     # module imported first so it can register its functions
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.objective = "rcfd"           # max | kl | weighted | rcfd
+  c.rl.algorithm = "reinforce"      # reinforce | ppo
+  c.rl.baseline = "whiten"          # REINFORCE baseline: whiten (paper) | loo | none
+  c.rl.beta = 0.0                   # KL coefficient for objective=kl (initial value when adaptive)
+  c.rl.kl_estimator = "k1"          # k1 | k2 | k3, per token, summed over the sequence
+  c.rl.adaptive_kl = False          # adapt beta towards kl_target
+  c.rl.kl_target = 6.0              # target sequence KL for the adaptive controller
+  c.rl.kl_horizon = 10000.0         # controller horizon in samples
+  c.rl.alpha = (1.0,)               # objective=weighted: one weight per reward source
+  c.rl.clip_eps = 0.3               # PPO ratio clip (paper: 0.3)
+  c.rl.loss_agg = "token_mean"      # token_mean | seq_mean
+  c.rl.ppo = ml_collections.ConfigDict()
+  c.rl.ppo.epochs = 1               # passes over each rollout batch
+  c.rl.ppo.minibatches = 1          # optimizer steps per pass
+  c.rl.ppo.vf_coef = 0.1            # value loss weight
+  c.rl.ppo.value_clip = 0.2         # value clipping range
+  c.rl.ppo.gamma = 1.0              # GAE discount
+  c.rl.ppo.lam = 0.95               # GAE lambda
+  c.rl.max_bad_steps = 5            # stop after this many skipped (non-finite) updates in a row
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 5e-5      # Adam (paper: 5e-5)
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 0.0
+  c.optim.max_grad_norm = 1.0       # global-norm clipping; 0 disables
+  c.optim.grad_accum = 1            # micro-batches per minibatch (memory, not semantics)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (1, -1, 1)         # (data, fsdp, tensor); -1 takes the remaining devices
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # host:port of process 0; empty = autodetect or single process
+  c.distributed.num_processes = 0   # 0 = autodetect
+  c.distributed.process_id = -1     # -1 = autodetect
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 50     # save period; also saved at the end and on SIGTERM
+  c.checkpoint.keep = 3             # checkpoints kept
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 50           # evaluation period; also run at the end
+  c.eval.num_prompts = 64           # validation prompts per evaluation
+  c.eval.temperature = 1.0          # sampling temperature for evaluation
+  c.eval.bins = 20                  # histogram bins for the alignment metric
+  return c
+
+
+def check(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Rejects inconsistent configs before anything is loaded or written."""
+  def need(cond, msg):
+    if not cond:
+      raise UserError(msg)
+
+  need(c.rl.objective in OBJECTIVES, f"config.rl.objective={c.rl.objective!r}; use one of {OBJECTIVES}")
+  need(c.rl.algorithm in ALGORITHMS, f"config.rl.algorithm={c.rl.algorithm!r}; use one of {ALGORITHMS}")
+  need(c.rl.baseline in ("whiten", "loo", "none"), f"config.rl.baseline={c.rl.baseline!r}; use whiten|loo|none")
+  need(c.rl.kl_estimator in ("k1", "k2", "k3"), f"config.rl.kl_estimator={c.rl.kl_estimator!r}; use k1|k2|k3")
+  need(c.rl.loss_agg in ("token_mean", "seq_mean"), f"config.rl.loss_agg={c.rl.loss_agg!r}")
+  need(c.model.dtype in ("float32", "bfloat16"), f"config.model.dtype={c.model.dtype!r}; use float32|bfloat16")
+  need(c.policy.path != "", "config.policy.path is empty; set it to a HF model directory or hub id")
+  need(c.total_steps > 0, "config.total_steps must be positive")
+  need(c.rollout.max_new_tokens > 0, "config.rollout.max_new_tokens must be positive")
+  k = c.rollout.samples_per_prompt
+  need(k >= 1, "config.rollout.samples_per_prompt must be >= 1")
+  need(not (c.rl.baseline == "loo" and c.rl.algorithm == "reinforce" and k < 2),
+       "config.rl.baseline=loo needs config.rollout.samples_per_prompt >= 2")
+  if c.rl.objective == "weighted":
+    need(len(c.rl.alpha) == len(c.reward.sources),
+         f"config.rl.alpha has {len(c.rl.alpha)} weights for {len(c.reward.sources)} reward sources")
+  rollouts = c.rollout.prompts_per_step * k
+  per_update = c.rl.ppo.minibatches * c.optim.grad_accum
+  need(rollouts % per_update == 0,
+       f"prompts_per_step*samples_per_prompt={rollouts} is not divisible by "
+       f"rl.ppo.minibatches*optim.grad_accum={per_update}")
+  if c.rl.algorithm == "reinforce":
+    need(c.rl.ppo.epochs == 1, "config.rl.ppo.epochs > 1 needs config.rl.algorithm=ppo")
+  need(c.checkpoint.every_steps > 0 and c.eval.every_steps > 0, "checkpoint/eval every_steps must be positive")
+  del num_devices

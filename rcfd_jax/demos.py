@@ -1,0 +1,88 @@
+"""Demonstration rewards R(x, y_d): computed once per dataset, cached on disk.
+
+The demonstrations are scored by the very function that scores sampled
+completions (rcfd_jax.step.make_scorer), with the frozen initial policy and
+reward models, so R(x, y) and R(x, y_d) are comparable. The cache key joins
+the reward sources, their models, the policy's weights and tokenizer and the
+data fingerprint; a resumed or repeated run reads the file instead of
+scoring again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from rcfd_jax import data
+from rcfd_jax.step import make_scorer
+
+
+def cache_path(cache_dir: str, key: str) -> Path:
+  return Path(os.path.expanduser(cache_dir)) / f"{key}.npy"
+
+
+def score(ds, parts, frozen, rewards, tokenizer, config) -> np.ndarray:
+  """[n, K] rewards of each example's demonstration, in config.reward.sources order."""
+  n, bs = len(ds), config.reward.demo_batch_size
+  batcher = data.Batcher(ds, bs, config.data, tokenizer.pad_token_id)
+  scorer = jax.jit(make_scorer(parts, rewards))
+  out = []
+  for start in range(0, n, bs):
+    idx = np.arange(start, start + bs) % n  # the last chunk wraps so shapes never change
+    b = batcher.gather(idx)
+    _, graph = scorer(parts.trainable, frozen, jnp.asarray(b.prompt_ids), jnp.asarray(b.prompt_mask, bool),
+                      jnp.asarray(b.demo_ids), jnp.asarray(b.demo_mask, bool))
+    host = rewards.on_host([ds.prompt_texts[i] for i in idx], [ds.demo_texts[i] for i in idx],
+                           [ds.extras[i] for i in idx])
+    parts_np = {k: np.asarray(v) for k, v in jax.device_get(graph).items()}
+    parts_np.update(host)
+    out.append(rewards.stack(parts_np)[: min(bs, n - start)])
+  return np.concatenate(out, axis=0).astype(np.float32)
+
+
+def rewards_for(datasets, parts, frozen, rewards, tokenizer, config, policy_fp: str, mesh) -> list[np.ndarray]:
+  """Demonstration rewards for each dataset, from the cache when present."""
+  del mesh
+  results = []
+  for ds in datasets:
+    key = hashlib.sha256("|".join([
+        rewards.fingerprint(policy_fp), ds.fingerprint, str(config.data.max_prompt_tokens),
+        str(config.data.demo_max_tokens), config.model.dtype]).encode()).hexdigest()[:32]
+    f = cache_path(config.reward.cache_dir, key)
+    cached = _read(f, len(ds), len(rewards.names))
+    if cached is not None:
+      logging.info("demonstration rewards from cache %s", f)
+      results.append(cached)
+      continue
+    values = score(ds, parts, frozen, rewards, tokenizer, config)
+    if jax.process_index() == 0:
+      _write(f, values)
+    results.append(values)
+  return results
+
+
+def _read(f: Path, n: int, k: int) -> np.ndarray | None:
+  try:
+    v = np.load(f, allow_pickle=False)
+  except (OSError, ValueError):
+    return None
+  return v if v.shape == (n, k) and np.isfinite(v).all() else None
+
+
+def _write(f: Path, values: np.ndarray) -> None:
+  """Atomic: a crash mid-write leaves the old cache (or none), never half a file."""
+  try:
+    f.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=f.parent, suffix=".npy.tmp")
+    with os.fdopen(fd, "wb") as fh:
+      np.save(fh, values, allow_pickle=False)
+    os.replace(tmp, f)
+  except OSError as e:
+    logging.warning("could not cache demonstration rewards in %s: %s", f.parent, e)

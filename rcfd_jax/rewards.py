@@ -1,0 +1,247 @@
+"""Reward sources: one number per (prompt, completion), stacked into a reward vector.
+
+Kinds (config.reward.sources lists names; each name's kind is its prefix):
+  loglik       mean per-token log-likelihood of the completion under the frozen
+               initial policy (use case 1). It is the reference log-prob the
+               step computes for the KL anyway, so it costs nothing extra.
+  length       -|y| in tokens.
+  classifier   a *ForSequenceClassification reward model: the logit of
+               config.reward.classifier.label_index (IMDB positive class; 0 for a
+               preference RM's scalar score).
+  function     a registered Python function of (prompts, completions, rows).
+
+A classifier whose tokenizer is the policy's runs inside the jitted step on
+the token ids. Otherwise (the paper's DistilBERT and DeBERTa RMs) the host
+decodes the completions and re-tokenizes them for the RM between the rollout
+and the update (the "bridge"); its time is reported as bridge_seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rcfd_jax import models, sharding
+from rcfd_jax.errors import UserError
+from rcfd_jax.models import hf
+
+KINDS = ("loglik", "length", "classifier", "function")
+
+# name -> fn(prompts: list[str], completions: list[str], rows: list[dict]) -> sequence of floats
+FUNCTIONS: dict[str, Callable[[list[str], list[str], list[dict]], Sequence[float]]] = {}
+
+
+def register(name: str):
+  """Decorator that makes a Python reward function available as config.reward.function.name."""
+
+  def deco(fn):
+    FUNCTIONS[name] = fn
+    return fn
+
+  return deco
+
+
+POSITIVE_WORDS = frozenset(
+    "good great excellent wonderful amazing brilliant superb delightful moving beautiful "
+    "fantastic lovely charming perfect masterful enjoyable touching memorable best love loved".split())
+NEGATIVE_WORDS = frozenset(
+    "bad terrible awful boring dull poor weak horrible dreadful mediocre painful tedious "
+    "forgettable worst hate hated mess clumsy bland".split())
+
+
+@register("sentiment_words")
+def sentiment_words(prompts, completions, rows):
+  """Positive minus negative sentiment words in the completion: a programmatic reward."""
+  del prompts, rows
+  out = []
+  for text in completions:
+    words = [w.strip(".,!?;:\"'()").lower() for w in text.split()]
+    out.append(float(sum(w in POSITIVE_WORDS for w in words) - sum(w in NEGATIVE_WORDS for w in words)))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  name: str
+  kind: str
+
+
+def parse_sources(names: Sequence[str]) -> list[Source]:
+  if not names:
+    raise UserError("config.reward.sources is empty; list at least one of " + ", ".join(KINDS))
+  out = []
+  for n in names:
+    kind = n.split(":")[0]
+    if kind not in KINDS:
+      raise UserError(f"unknown reward source {n!r} in config.reward.sources; use one of {', '.join(KINDS)}")
+    out.append(Source(n, kind))
+  if len({s.name for s in out}) != len(out):
+    raise UserError(f"config.reward.sources lists a source twice: {list(names)}")
+  return out
+
+
+@dataclasses.dataclass
+class Classifier:
+  """A reward model and how its inputs are made."""
+  graphdef: Any
+  state: nnx.State
+  tokenizer: Any
+  in_graph: bool          # shares the policy's tokenizer: runs inside the jitted step
+  label_index: int
+  max_tokens: int
+  fingerprint: str
+  _forward: Any = None
+
+  def logits_fn(self):
+    label = self.label_index
+
+    def fn(state, ids, mask):
+      return nnx.merge(self.graphdef, state)(ids, attention_mask=mask)[:, label]
+
+    return fn
+
+  def score_texts(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
+    """Host bridge: tokenize texts with the RM's own tokenizer, run the RM jitted."""
+    enc = self.tokenizer(texts, pairs, padding="max_length", truncation=True, max_length=self.max_tokens,
+                         return_tensors="np")
+    if self._forward is None:
+      self._forward = jax.jit(self.logits_fn())
+    mask = enc["attention_mask"].astype(bool)
+    return np.asarray(self._forward(self.state, jnp.asarray(enc["input_ids"]), jnp.asarray(mask)))
+
+
+def _tokenizer_hash(tok) -> str:
+  vocab = sorted(tok.get_vocab().items())
+  return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def load_classifier(cfg, policy_tokenizer, mesh) -> Classifier:
+  """Loads config.reward.classifier.path and decides whether it can run in the step."""
+  from transformers import AutoTokenizer
+  model_dir = hf.resolve_dir(cfg.path)
+  model = models.load_pretrained(str(model_dir), task="seq_cls", mesh=mesh)
+  n_labels = model.config.num_labels
+  if not 0 <= cfg.label_index < n_labels:
+    raise UserError(f"config.reward.classifier.label_index={cfg.label_index} but {cfg.path} has "
+                    f"{n_labels} labels")
+  try:
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+  except Exception as e:
+    raise UserError(f"cannot load the reward model's tokenizer from {model_dir}: {e}") from None
+  in_graph = (model.config.model_type in ("gpt2", "llama", "qwen2", "mistral")
+              and _tokenizer_hash(tok) == _tokenizer_hash(policy_tokenizer))
+  graphdef, state = nnx.split(model)
+  return Classifier(graphdef, state, tok, in_graph, cfg.label_index, cfg.max_tokens,
+                    hf.dir_fingerprint(model_dir) + _tokenizer_hash(tok))
+
+
+def length_reward(completion_mask_bn: jax.Array) -> jax.Array:
+  return -completion_mask_bn.sum(-1).astype(jnp.float32)
+
+
+def loglik_reward(ref_logp_bn: jax.Array, completion_mask_bn: jax.Array) -> jax.Array:
+  """Mean per-token log-likelihood under pi_0; 0 for an empty completion."""
+  m = completion_mask_bn.astype(jnp.float32)
+  return (ref_logp_bn * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+
+
+@dataclasses.dataclass
+class Rewards:
+  """The configured reward sources, split into in-step and host-side ones."""
+  sources: list[Source]
+  classifier: Classifier | None
+  function: Callable | None
+
+  @property
+  def names(self) -> list[str]:
+    return [s.name for s in self.sources]
+
+  @property
+  def needs_host(self) -> bool:
+    """True when some reward must be computed on the host between rollout and update."""
+    return any(self._on_host(s) for s in self.sources)
+
+  def _on_host(self, s: Source) -> bool:
+    return s.kind == "function" or (s.kind == "classifier" and not self.classifier.in_graph)
+
+  def in_graph(self, rm_state, seq_ids, seq_mask, completion_mask, ref_logp) -> dict[str, jax.Array]:
+    """Rewards computable inside the jitted step; host ones are left out."""
+    out = {}
+    for s in self.sources:
+      if s.kind == "loglik":
+        out[s.name] = loglik_reward(ref_logp, completion_mask)
+      elif s.kind == "length":
+        out[s.name] = length_reward(completion_mask)
+      elif s.kind == "classifier" and self.classifier.in_graph:
+        out[s.name] = self.classifier.logits_fn()(rm_state, seq_ids, seq_mask).astype(jnp.float32)
+    return out
+
+  def on_host(self, prompts: list[str], completions: list[str], rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rewards that need text: the RM bridge and Python functions."""
+    out = {}
+    for s in self.sources:
+      if s.kind == "classifier" and not self.classifier.in_graph:
+        out[s.name] = self.classifier.score_texts([p + c for p, c in zip(prompts, completions)])
+      elif s.kind == "function":
+        vals = np.asarray(self.function(prompts, completions, rows), np.float32)
+        if vals.shape != (len(completions),):
+          raise UserError(f"reward function returned shape {vals.shape}, expected ({len(completions)},)")
+        out[s.name] = vals
+    return out
+
+  def stack(self, parts: dict[str, Any]) -> Any:
+    """[B, K] reward matrix in config order."""
+    xp = jnp if any(isinstance(v, jax.Array) for v in parts.values()) else np
+    return xp.stack([xp.asarray(parts[n], dtype=xp.float32) for n in self.names], axis=-1)
+
+  def fingerprint(self, policy_fingerprint: str) -> str:
+    """Cache key of demonstration rewards: sources, their models, the policy's weights/tokenizer."""
+    parts = [json.dumps(self.names), policy_fingerprint]
+    if self.classifier is not None:
+      parts.append(self.classifier.fingerprint + str(self.classifier.label_index)
+                   + str(self.classifier.max_tokens))
+    if self.function is not None:
+      parts.append(f"{self.function.__module__}.{self.function.__qualname__}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def build(cfg, policy_tokenizer, mesh) -> Rewards:
+  """Rewards from config.reward (sources, classifier, function)."""
+  sources = parse_sources(cfg.sources)
+  kinds = {s.kind for s in sources}
+  classifier = load_classifier(cfg.classifier, policy_tokenizer, mesh) if "classifier" in kinds else None
+  function = None
+  if "function" in kinds:
+    if cfg.function.module:
+      try:
+        importlib.import_module(cfg.function.module)
+      except ImportError as e:
+        raise UserError(f"cannot import config.reward.function.module={cfg.function.module!r}: {e}") from None
+    if cfg.function.name not in FUNCTIONS:
+      raise UserError(f"config.reward.function.name={cfg.function.name!r} is not registered; "
+                      f"registered: {', '.join(sorted(FUNCTIONS))}")
+    function = FUNCTIONS[cfg.function.name]
+  if sum(s.kind == "classifier" for s in sources) > 1 or sum(s.kind == "function" for s in sources) > 1:
+    raise UserError("config.reward.sources may name at most one classifier and one function")
+  return Rewards(sources, classifier, function)
+
+
+class Timer:
+  """Wall time of a block, for the bridge metric."""
+
+  def __enter__(self):
+    self.t0 = time.perf_counter()
+    return self
+
+  def __exit__(self, *exc):
+    self.seconds = time.perf_counter() - self.t0

@@ -1,0 +1,253 @@
+"""The training loop: setup, rollout, reward, update, log, checkpoint, eval.
+
+`run(config, workdir)` is everything main.py calls. It reads top to bottom;
+the maths lives in rcfd_jax.step and rcfd_jax.rl, the I/O in checkpoint,
+metrics and evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, metrics, models,
+                      policy as policy_lib, rewards as rewards_lib, sharding, validate)
+from rcfd_jax.errors import UserError
+from rcfd_jax.models import hf
+from rcfd_jax.step import Batch, Frozen, StepConfig, TrainState, make_rollout, make_update
+
+
+def optimizer(c) -> optax.GradientTransformation:
+  """Adam(W) with optional global-norm clipping (paper: Adam, lr 5e-5)."""
+  parts = [optax.clip_by_global_norm(c.max_grad_norm)] if c.max_grad_norm > 0 else []
+  parts.append(optax.adamw(c.learning_rate, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+  return optax.chain(*parts)
+
+
+def load_tokenizer(path: str):
+  from transformers import AutoTokenizer
+  model_dir = hf.resolve_dir(path)
+  try:
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+  except Exception as e:
+    raise UserError(f"cannot load a tokenizer from {model_dir}: {e}") from None
+  if tok.eos_token_id is None:
+    raise UserError(f"the tokenizer in {model_dir} has no eos token; set eos_token in its tokenizer_config.json")
+  if tok.pad_token_id is None:
+    tok.pad_token = tok.eos_token  # generation pads after EOS; masks make the id irrelevant
+  tok.padding_side = "left"
+  return tok
+
+
+def prepare_workdir(workdir: str) -> Path:
+  """Creates the workdir or explains why it cannot be written."""
+  wd = Path(workdir).expanduser()
+  try:
+    wd.mkdir(parents=True, exist_ok=True)
+    probe = wd / f".write_probe_{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f"workdir {wd} is not writable ({e.strerror}); pick another --workdir") from None
+  return wd
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built once before the loop."""
+  config: Any
+  mesh: Any
+  tokenizer: Any
+  parts: policy_lib.PolicyParts
+  frozen: Frozen
+  rewards: rewards_lib.Rewards
+  train: data.PromptDataset
+  val: data.PromptDataset
+  batcher: data.Batcher
+  demo_train: np.ndarray
+  demo_val: np.ndarray
+  sc: StepConfig
+  tx: optax.GradientTransformation
+  state_sh: TrainState
+
+
+def build(config, workdir: Path) -> tuple[Setup, TrainState]:
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+  tokenizer = load_tokenizer(config.policy.path)
+  splits = data.load(config.data, tokenizer)
+  train_ds, val_ds = splits.train, splits.validation
+  lm = models.load_pretrained(config.policy.path, task="causal_lm", dtype=dtype, mesh=mesh)
+  need = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+  if need > lm.config.max_positions:
+    raise UserError(f"config.data.max_prompt_tokens {config.data.max_prompt_tokens} + max_new_tokens "
+                    f"{config.rollout.max_new_tokens} = {need} exceeds the policy's context "
+                    f"{lm.config.max_positions}; lower config.data.max_prompt_tokens or config.rollout.max_new_tokens")
+  rewards = rewards_lib.build(config.reward, tokenizer, mesh)
+  parts, ref = policy_lib.build(lm, config, value_head=config.rl.algorithm == "ppo", mesh=mesh)
+  rm_state = rewards.classifier.state if rewards.classifier is not None and rewards.classifier.in_graph else None
+  frozen = Frozen(parts.frozen, ref, rm_state)
+  sc = StepConfig.from_config(config, tokenizer.eos_token_id, tokenizer.pad_token_id)
+  policy_fp = hf.dir_fingerprint(hf.resolve_dir(config.policy.path))
+  demo_train, demo_val = demos.rewards_for(
+      (train_ds, val_ds), parts, frozen, rewards, tokenizer, config, policy_fp, mesh)
+  tx = optimizer(config.optim)
+  state, state_sh = init_state(config, parts.trainable, tx, mesh)
+  batcher = data.Batcher(train_ds, config.rollout.prompts_per_step, config.data, tokenizer.pad_token_id)
+  setup = Setup(config, mesh, tokenizer, parts, frozen, rewards, train_ds, val_ds, batcher,
+                demo_train, demo_val, sc, tx, state_sh)
+  return setup, state
+
+
+def init_state(config, params: nnx.State, tx, mesh) -> tuple[TrainState, TrainState]:
+  """The initial TrainState, born with explicit shardings (returned too, for jit)."""
+  rep = sharding.replicated(mesh)
+  param_sh = sharding.state_shardings(params, mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), param_sh,
+                                 transform_non_params=lambda _: rep)
+  state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep, beta=rep, bad_steps=rep,
+                        skipped_total=rep)
+
+  def make(params):
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(config.seed)),
+        beta=jnp.asarray(config.rl.beta, jnp.float32), bad_steps=jnp.zeros((), jnp.int32),
+        skipped_total=jnp.zeros((), jnp.int32))
+
+  return jax.jit(make, out_shardings=state_sh)(params), state_sh
+
+
+@dataclasses.dataclass
+class Steps:
+  """The compiled functions of one run."""
+  fused: Any         # (state, frozen, batch) -> (state, metrics), when no reward needs the host
+  rollout: Any       # (state, frozen, batch) -> Rollout, when a reward needs the host
+  update: Any        # (state, frozen, rollout, host_rewards) -> (state, metrics)
+  eval_rollout: Any  # one sample per prompt at the evaluation temperature
+
+
+def compile_steps(s: Setup) -> Steps:
+  """Jitted step functions with explicit shardings and donated state."""
+  state_sh = s.state_sh
+  frozen_sh = jax.tree.map(lambda x: x.sharding, s.frozen)
+  rollout = make_rollout(s.parts, s.rewards, s.sc)
+  update = make_update(s.parts, s.rewards, s.tx, s.sc)
+  eval_sc = dataclasses.replace(s.sc, samples_per_prompt=1, temperature=s.config.eval.temperature)
+  eval_rollout = jax.jit(make_rollout(s.parts, s.rewards, eval_sc), in_shardings=(state_sh, frozen_sh, None))
+  if not s.rewards.needs_host:
+    fused = jax.jit(lambda st, fr, b: update(st, fr, rollout(st, fr, b), None),
+                    in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None),
+                    donate_argnums=0)
+    return Steps(fused, None, None, eval_rollout)
+  rollout_j = jax.jit(rollout, in_shardings=(state_sh, frozen_sh, None))
+  update_j = jax.jit(update, in_shardings=(state_sh, frozen_sh, None, None),
+                     out_shardings=(state_sh, None), donate_argnums=0)
+  return Steps(None, rollout_j, update_j, eval_rollout)
+
+
+def device_batch(s: Setup, host: data.Batch, demo: np.ndarray) -> Batch:
+  """This process's share of the batch, assembled into global arrays on the mesh."""
+  def put(x):
+    x = np.asarray(x)
+    sh = jax.sharding.NamedSharding(s.mesh, sharding.spec_for(("batch",) + (None,) * (x.ndim - 1),
+                                                              (x.shape[0] * jax.process_count(),) + x.shape[1:],
+                                                              s.mesh))
+    return jax.make_array_from_process_local_data(sh, x)
+  return Batch(put(host.prompt_ids), put(host.prompt_mask.astype(bool)), put(demo[host.indices]))
+
+
+def host_rewards(s: Setup, ro, indices: np.ndarray) -> dict:
+  """The bridge: decode completions, score them with host-side rewards."""
+  tokens = np.asarray(gather(ro.tokens))
+  mask = np.asarray(gather(ro.mask))
+  completions = s.tokenizer.batch_decode(np.where(mask, tokens, s.tokenizer.pad_token_id),
+                                         skip_special_tokens=True)
+  idx = np.repeat(np.asarray(indices), s.sc.samples_per_prompt)
+  prompts = [s.train.prompt_texts[i] for i in idx]
+  rows = [s.train.rows[i] for i in idx]
+  return s.rewards.on_host(prompts, completions, rows)
+
+
+def gather(x):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(x, tiled=True)
+  return jax.device_get(x)
+
+
+def run(config, workdir: str) -> TrainState:
+  """Trains per config, resuming from workdir's latest good checkpoint."""
+  distributed.initialize(config.distributed)
+  config_lib.check(config, jax.device_count())
+  wd = prepare_workdir(workdir)
+  s, state = build(config, wd)
+  ckpt = checkpoint.Checkpointer(wd / "checkpoints", max_to_keep=config.checkpoint.keep)
+  writer = metrics.MetricsWriter(wd, config.total_steps)
+  start = 0
+  restored = ckpt.restore_latest(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  if restored is not None:
+    start, state, meta = restored
+    s.batcher.check_state(start, meta["data"])
+    logging.info("resumed from step %d", start)
+  writer.truncate_after(start)
+  if jax.process_index() == 0:
+    (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
+  steps = compile_steps(s)
+  t_last = time.perf_counter()
+  with checkpoint.preemption_guard() as guard:
+    for step in range(start, config.total_steps):
+      # Rollout, reward, update: one compiled call unless a reward needs the host.
+      host = s.batcher.batch(step, jax.process_index(), jax.process_count())
+      batch = device_batch(s, host, s.demo_train)
+      if steps.fused is not None:
+        state, m = steps.fused(state, s.frozen, batch)
+      else:
+        ro = steps.rollout(state, s.frozen, batch)
+        with rewards_lib.Timer() as bridge:
+          hr = host_rewards(s, ro, s.batcher.indices(step))
+        state, m = steps.update(state, s.frozen, ro, hr)
+      done = step + 1
+      # Log: metrics leave the device only here.
+      if done % config.log_every_steps == 0 or done == config.total_steps:
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        now = time.perf_counter()
+        m["tokens_per_second"] = m["generated_tokens"] * config.log_every_steps / max(now - t_last, 1e-9)
+        t_last = now
+        if steps.fused is None:
+          m["bridge_seconds"] = bridge.seconds
+        writer.write(done, m)
+        if int(jax.device_get(state.bad_steps)) >= config.rl.max_bad_steps:
+          ckpt.wait_until_finished()
+          raise UserError(f"{config.rl.max_bad_steps} updates in a row had non-finite rewards, losses or "
+                          f"gradients; the last good parameters are in {wd / 'checkpoints'}")
+      # Checkpoint, then evaluate.
+      preempted = guard.requested
+      if done % config.checkpoint.every_steps == 0 or done == config.total_steps or preempted:
+        ckpt.save(done, state, _meta(s, config, state, done))
+      if done % config.eval.every_steps == 0 or done == config.total_steps:
+        validate.run(s, steps.eval_rollout, state, wd, done)
+        t_last = time.perf_counter()  # tokens_per_second counts training time only
+      if preempted:
+        logging.warning("SIGTERM received: saved step %d and stopping", done)
+        break
+  ckpt.wait_until_finished()
+  ckpt.close()
+  writer.close()
+  return state
+
+
+def _meta(s: Setup, config, state: TrainState, step: int) -> dict:
+  return {"step": step, "data": s.batcher.state(step), "beta": float(jax.device_get(state.beta)),
+          "config": config.to_json_best_effort()}

@@ -1,0 +1,66 @@
+"""Evaluation on validation prompts: sample, score, compare with the demonstrations.
+
+Writes DIR/eval/step_N.json (reward per source, the demonstrations' mean,
+Alignment A, distinct-1/2, length, KL to pi_0, a few samples) and PNG plots
+(reward histogram of policy vs demonstrations; log-likelihood by position).
+The rollout used here is the training rollout compiled once more with one
+sample per prompt and the evaluation temperature (train.compile_steps).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rcfd_jax import evaluation, rl
+
+def generate(s, rollout, state, ds, demo: np.ndarray, num_prompts: int) -> dict[str, np.ndarray | list]:
+  """Completions and rewards for the first num_prompts prompts of `ds`, batch by batch."""
+  from rcfd_jax import data, train
+  b = s.config.rollout.prompts_per_step
+  n = min(num_prompts, len(ds))
+  batcher = data.Batcher(ds, b, s.config.data, s.tokenizer.pad_token_id)
+  out = {k: [] for k in ("rewards", "tokens", "mask", "logp", "ref_logp", "demo")}
+  for start in range(0, n, b):
+    idx = np.arange(start, start + b) % n
+    pi, pc = jax.process_index(), jax.process_count()
+    batch = train.device_batch(s, batcher.gather(idx[pi * b // pc:(pi + 1) * b // pc]), demo)
+    ro = rollout(state, s.frozen, batch)
+    parts = {k: np.asarray(train.gather(v)) for k, v in ro.rewards.items()}
+    tokens, cmask = np.asarray(train.gather(ro.tokens)), np.asarray(train.gather(ro.mask))
+    if s.rewards.needs_host:
+      texts = s.tokenizer.batch_decode(np.where(cmask, tokens, s.tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+      parts.update(s.rewards.on_host([ds.prompt_texts[i] for i in idx], texts,
+                                     [ds.extras[i] for i in idx]))
+    keep = min(b, n - start)
+    out["rewards"].append(s.rewards.stack(parts)[:keep])
+    out["tokens"].append(tokens[:keep])
+    out["mask"].append(cmask[:keep])
+    out["logp"].append(np.asarray(train.gather(ro.logp))[:keep])
+    out["ref_logp"].append(np.asarray(train.gather(ro.ref_logp))[:keep])
+    out["demo"].append(demo[idx[:keep]])
+  res = {k: np.concatenate(v, axis=0) for k, v in out.items()}
+  res["prompts"] = [ds.prompt_texts[i] for i in range(n)]
+  return res
+
+
+def run(s, rollout, state, wd: Path, step: int) -> dict:
+  """One evaluation: metrics dict, also written under wd/eval."""
+  g = generate(s, rollout, state, s.val, s.demo_val, s.config.eval.num_prompts)
+  mask = g["mask"].astype(bool)
+  seq_kl = np.asarray(rl.sequence_kl(g["logp"], g["ref_logp"], mask, "k1"))
+  completions = [list(t[m]) for t, m in zip(g["tokens"], mask)]
+  result = evaluation.summarize(
+      rewards={name: g["rewards"][:, i] for i, name in enumerate(s.rewards.names)},
+      demo_rewards={name: g["demo"][:, i] for i, name in enumerate(s.rewards.names)},
+      completions=completions, seq_kl=seq_kl, bins=s.config.eval.bins)
+  texts = s.tokenizer.batch_decode([c for c in completions[:4]], skip_special_tokens=True)
+  result["samples"] = [{"prompt": p, "completion": t} for p, t in zip(g["prompts"][:4], texts)]
+  result["step"] = step
+  if jax.process_index() == 0:
+    evaluation.write_eval(wd, step, result, logp_bt=g["ref_logp"], mask_bt=mask,
+                          policy_rewards=g["rewards"][:, 0], demo_rewards=g["demo"][:, 0])
+  return result
