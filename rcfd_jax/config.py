@@ -90,6 +90,11 @@ def base() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ""  # host:port of process 0; empty = autodetect or single process
   c.distributed.num_processes = 0   # 0 = autodetect
   c.distributed.process_id = -1     # -1 = autodetect
+  c.distributed.autodetect = True   # join a detected SLURM (srun), Open MPI or TPU-slice job
+  c.distributed.num_cpu_devices = 0  # >0 forces this many CPU devices per process (tests, local runs)
+  c.distributed.initialization_timeout_s = 300  # seconds to wait for every process to connect
+  c.distributed.heartbeat_timeout_s = 100  # a process silent this long is dead; the others stop
+  c.distributed.shutdown_timeout_s = 300  # seconds to wait at exit for the other processes
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 50     # save period; also saved at the end and on SIGTERM
