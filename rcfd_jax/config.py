@@ -85,6 +85,7 @@ def base() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)         # (data, fsdp, tensor); -1 takes the remaining devices
+  c.mesh.devices = 0                # use the first N devices; 0 = all (global over processes)
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # host:port of process 0; empty = autodetect or single process

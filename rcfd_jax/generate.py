@@ -26,13 +26,15 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 def load_policy(path: str):
   """(model, tokenizer) for a policy path.
 
-  Today `path` is a Hugging Face directory or hub id; this is the one place
-  to teach generation about training workdirs (latest checkpoint + the
-  policy's tokenizer) later.
+  `path` is a Hugging Face directory, a hub id, or a training workdir (the
+  latest good checkpoint, LoRA merged, with the policy's tokenizer).
   """
   from transformers import AutoTokenizer
 
-  from rcfd_jax import models
+  from rcfd_jax import export, models
+  if export.is_workdir(path):
+    model, tokenizer, _ = export.load_trained(path)
+    return model, tokenizer
   model = models.load_pretrained(path, task="causal_lm")
   try:
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)

@@ -18,11 +18,6 @@ from absl import app, flags
 
 from rcfd_jax import corpus, tiny
 
-flags.DEFINE_string("out", "build/tiny", "Output directory.")
-flags.DEFINE_integer("n_reviews", 4000, "Reviews in the corpus.")
-flags.DEFINE_integer("vocab_size", 512, "Tokenizer vocabulary.")
-flags.DEFINE_integer("seed", 0, "Seed of the corpus and the random weights.")
-flags.DEFINE_bool("force", False, "Rebuild even if OUT already holds the assets.")
 
 
 def build(out: str | Path, *, n_reviews: int = 4000, vocab_size: int = 512, seed: int = 0,
@@ -48,4 +43,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags live with the entry point so importing this module (tests, reproduce) defines none.
+  flags.DEFINE_string("out", "build/tiny", "Output directory.")
+  flags.DEFINE_integer("n_reviews", 4000, "Reviews in the corpus.")
+  flags.DEFINE_integer("vocab_size", 512, "Tokenizer vocabulary.")
+  flags.DEFINE_integer("seed", 0, "Seed of the corpus and the random weights.")
+  flags.DEFINE_bool("force", False, "Rebuild even if OUT already holds the assets.")
   app.run(main)

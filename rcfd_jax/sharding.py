@@ -159,3 +159,13 @@ def place(array: np.ndarray | Callable[[tuple], np.ndarray], shape, dtype, names
     host = np.asarray(array)
     read = lambda idx: np.asarray(host[idx], dtype=dtype)
   return jax.make_array_from_callback(tuple(shape), sharding, read)
+
+
+def mesh_from_config(c) -> Mesh:
+  """The mesh of config.mesh: its shape over all devices, or over the first c.devices."""
+  devices = jax.devices()
+  if c.devices:
+    if c.devices > len(devices):
+      raise UserError(f"config.mesh.devices={c.devices} but only {len(devices)} devices are visible")
+    devices = devices[:c.devices]
+  return make_mesh(tuple(c.shape), devices)

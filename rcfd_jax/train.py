@@ -20,7 +20,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, metrics, models,
+from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, memory, metrics, models,
                       policy as policy_lib, rewards as rewards_lib, sharding, validate)
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import hf
@@ -82,7 +82,7 @@ class Setup:
 
 
 def build(config, workdir: Path) -> tuple[Setup, TrainState]:
-  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  mesh = sharding.mesh_from_config(config.mesh)
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
   tokenizer = load_tokenizer(config.policy.path)
   splits = data.load(config.data, tokenizer)
@@ -156,14 +156,22 @@ def compile_steps(s: Setup) -> Steps:
   return Steps(None, rollout_j, update_j, eval_rollout)
 
 
-def device_batch(s: Setup, host: data.Batch, demo: np.ndarray) -> Batch:
-  """This process's share of the batch, assembled into global arrays on the mesh."""
+def device_batch(s: Setup, batcher: data.Batcher, indices: np.ndarray, demo: np.ndarray) -> Batch:
+  """The global batch of examples `indices` on the mesh; each process reads only its own rows.
+
+  The rows a process feeds are those its devices hold under the batch
+  sharding (distributed.process_rows), so the global array's row order is
+  `indices` order on any number of processes.
+  """
+  n = len(indices)
+  sh = jax.sharding.NamedSharding(s.mesh, sharding.spec_for(("batch",), (n,), s.mesh))
+  host = batcher.gather(np.asarray(indices)[distributed.process_rows(sh, n)])
+
   def put(x):
     x = np.asarray(x)
-    sh = jax.sharding.NamedSharding(s.mesh, sharding.spec_for(("batch",) + (None,) * (x.ndim - 1),
-                                                              (x.shape[0] * jax.process_count(),) + x.shape[1:],
-                                                              s.mesh))
-    return jax.make_array_from_process_local_data(sh, x)
+    spec = sharding.spec_for(("batch",) + (None,) * (x.ndim - 1), (n,) + x.shape[1:], s.mesh)
+    return jax.make_array_from_process_local_data(jax.sharding.NamedSharding(s.mesh, spec), x,
+                                                  (n,) + x.shape[1:])
   return Batch(put(host.prompt_ids), put(host.prompt_mask.astype(bool)), put(demo[host.indices]))
 
 
@@ -209,8 +217,7 @@ def run(config, workdir: str) -> TrainState:
   with checkpoint.preemption_guard() as guard:
     for step in range(start, config.total_steps):
       # Rollout, reward, update: one compiled call unless a reward needs the host.
-      host = s.batcher.batch(step, jax.process_index(), jax.process_count())
-      batch = device_batch(s, host, s.demo_train)
+      batch = device_batch(s, s.batcher, s.batcher.indices(step), s.demo_train)
       if steps.fused is not None:
         state, m = steps.fused(state, s.frozen, batch)
       else:
@@ -218,6 +225,10 @@ def run(config, workdir: str) -> TrainState:
         with rewards_lib.Timer() as bridge:
           hr = host_rewards(s, ro, s.batcher.indices(step))
         state, m = steps.update(state, s.frozen, ro, hr)
+      if step == start:  # the step is compiled now, so its analysis is free
+        memory.step_report("train step", steps.fused or steps.update, trainable=state.params,
+                           frozen=s.frozen, opt_state=state.opt_state,
+                           args=(state, s.frozen, batch) if steps.fused else (state, s.frozen, ro, hr))
       done = step + 1
       # Log: metrics leave the device only here.
       if done % config.log_every_steps == 0 or done == config.total_steps:
@@ -245,6 +256,7 @@ def run(config, workdir: str) -> TrainState:
   ckpt.wait_until_finished()
   ckpt.close()
   writer.close()
+  distributed.shutdown()
   return state
 
 

@@ -1,0 +1,51 @@
+"""export: a trained (LoRA) policy written as a HF directory that transformers loads."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from configs import tiny as tiny_config
+from rcfd_jax import export, prepare, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  root = tmp_path_factory.mktemp("export")
+  assets = prepare.build(root / "assets", n_reviews=300, width=32)
+  c = tiny_config.get_config(str(assets))
+  c.total_steps = 2
+  c.reward.sources = ("loglik",)
+  c.reward.cache_dir = str(root / "cache")
+  c.model.lora.rank = 4
+  c.model.lora.targets = ("c_attn", "c_fc")
+  c.optim.learning_rate = 1e-2
+  c.checkpoint.every_steps = 2
+  c.eval.every_steps = 2
+  c.eval.num_prompts = 8
+  c.mesh.shape = (1, 1, 1)
+  c.mesh.devices = 1
+  train.run(c, str(root / "run"))
+  return root / "run"
+
+
+def test_export_loads_in_transformers_with_the_policy_logits(trained, tmp_path):
+  lm, tokenizer, step = export.load_trained(trained)
+  assert step == 2
+  out = export.export(trained, tmp_path / "hf")
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  ids = np.asarray(tokenizer(["a quiet film about a lighthouse keeper"]).input_ids)
+  ours = np.asarray(lm(ids))
+  with torch.no_grad():
+    theirs = torch_model(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4)
+  # The adapters were trained: the export differs from the untouched base model.
+  base = transformers.AutoModelForCausalLM.from_pretrained(trained.parent / "assets" / "policy").eval()
+  with torch.no_grad():
+    assert np.abs(base(torch.tensor(ids)).logits.numpy() - theirs).max() > 1e-4
+  assert transformers.AutoTokenizer.from_pretrained(out)("film").input_ids == tokenizer("film").input_ids
+
+
+def test_export_of_a_non_workdir_is_one_clear_error(tmp_path):
+  with pytest.raises(export.UserError, match="not a training workdir"):
+    export.load_trained(tmp_path)
