@@ -9,6 +9,8 @@ Kinds (config.reward.sources lists names; each name's kind is its prefix):
                config.reward.classifier.label_index (IMDB positive class; 0 for a
                preference RM's scalar score).
   function     a registered Python function of (prompts, completions, rows).
+  words        words:LEXICON, a lexicon word count (words:sentiment is
+               sentiment_words) run on token ids inside the step (rcfd_jax.words).
 
 A classifier whose tokenizer is the policy's runs inside the jitted step on
 the token ids. Otherwise (the paper's DistilBERT and DeBERTa RMs) the host
@@ -31,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rcfd_jax import models, sharding
+from rcfd_jax import models, sharding, words
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import hf
 
-KINDS = ("loglik", "length", "classifier", "function")
+KINDS = ("loglik", "length", "classifier", "function", "words")
 
 # name -> fn(prompts: list[str], completions: list[str], rows: list[dict]) -> sequence of floats
 FUNCTIONS: dict[str, Callable[[list[str], list[str], list[dict]], Sequence[float]]] = {}
@@ -161,6 +163,7 @@ class Rewards:
   sources: list[Source]
   classifier: Classifier | None
   function: Callable | None
+  automata: dict[str, words.TokenAutomaton] = dataclasses.field(default_factory=dict)
 
   @property
   def names(self) -> list[str]:
@@ -182,6 +185,8 @@ class Rewards:
         out[s.name] = loglik_reward(ref_logp, completion_mask)
       elif s.kind == "length":
         out[s.name] = length_reward(completion_mask)
+      elif s.kind == "words":
+        out[s.name] = words.reward(self.automata[s.name], seq_ids[:, -completion_mask.shape[1]:], completion_mask)
       elif s.kind == "classifier" and self.classifier.in_graph:
         out[s.name] = self.classifier.logits_fn()(rm_state, seq_ids, seq_mask).astype(jnp.float32)
     return out
@@ -233,7 +238,14 @@ def build(cfg, policy_tokenizer, mesh) -> Rewards:
     function = FUNCTIONS[cfg.function.name]
   if sum(s.kind == "classifier" for s in sources) > 1 or sum(s.kind == "function" for s in sources) > 1:
     raise UserError("config.reward.sources may name at most one classifier and one function")
-  return Rewards(sources, classifier, function)
+  automata = {}
+  for s in sources:
+    if s.kind == "words":
+      lexicon = s.name.partition(":")[2]
+      if lexicon not in words.lexicons():
+        raise UserError(f"reward source {s.name!r}: unknown lexicon; use words:" + " | words:".join(words.lexicons()))
+      automata[s.name] = words.compile_tokens(words.lexicons()[lexicon], policy_tokenizer)
+  return Rewards(sources, classifier, function, automata)
 
 
 class Timer:
