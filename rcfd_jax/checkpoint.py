@@ -39,7 +39,9 @@ import time
 from typing import Any, Iterator, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -181,22 +183,13 @@ class Checkpointer:
     damaged = []
     last_error = None
     for step in steps:
-      try:
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_data),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-      except _DAMAGE_ERRORS as e:
+      restored, error = self._try_restore(step, abstract_data)
+      if error is not None:
         logging.warning(
             "checkpoint step %d in %s is damaged and cannot be restored (%s); falling back to the previous step",
-            step, self.directory, _short(e))
+            step, self.directory, error)
         damaged.append(step)
-        # Keep text, not the exception: its traceback pins Orbax's abandoned
-        # read coroutines (and their buffers) in a reference cycle.
-        last_error = _short(e)
+        last_error = error
         continue
       self._move_aside(damaged)
       state = _data_to_keys(restored["state"], abstract_state)
@@ -205,6 +198,37 @@ class Checkpointer:
         f"none of the checkpoint steps {sorted(steps)} in {self.directory} can be restored "
         f"(last error: {last_error}); "
         "if the config changed the model or optimizer, use a new --workdir")
+
+  def _try_restore(self, step: int, abstract_data: Any) -> tuple[Any, str | None]:
+    """(restored, None), or (None, error text) when any process failed.
+
+    Each process reads only its own shards, so one may hit a damaged file
+    that another never opens. CheckpointManager.restore ends in a global
+    barrier that a process which raised never reaches, which breaks the
+    whole job (seen with two processes: "sync_global_devices name mismatch",
+    then the coordination service aborts). So we read through the item
+    handlers, which hold no barrier, and then agree on the outcome with
+    one allgather: all processes resume from the same step.
+    """
+    step_dir = epath.Path(self.directory) / str(step)
+    restored, error = None, None
+    state_handler = ocp.StandardCheckpointHandler()
+    try:
+      restored = {
+          "state": state_handler.restore(step_dir / "state", args=ocp.args.StandardRestore(abstract_data)),
+          "meta": ocp.JsonCheckpointHandler().restore(step_dir / "meta"),
+      }
+    except _DAMAGE_ERRORS as e:
+      # Keep text, not the exception: its traceback pins Orbax's abandoned
+      # read coroutines (and their buffers) in a reference cycle.
+      error = _short(e)
+    finally:
+      state_handler.close()
+    if jax.process_count() > 1:
+      failed = multihost_utils.process_allgather(np.int32(error is not None))
+      if error is None and np.any(failed):
+        error = "another process could not read its shards of this step"
+    return (None, error) if error is not None else (restored, None)
 
   def _move_aside(self, steps: list[int]) -> None:
     """Renames damaged step directories into DIR/checkpoints/damaged/.
