@@ -13,7 +13,8 @@ adds what the trainer needs and Orbax does not give:
   truncated or deleted, and restoring it raises; we log which step is
   damaged, try the one before, and move the damaged newer steps aside
   (DIR/checkpoints/damaged/) so the resumed run can save those step numbers
-  again.
+  again. With several processes, each reads only its own shards, so they
+  agree on every attempt (one allgather) before anyone falls back.
 
 Crash safety comes from Orbax itself: a step is written into
 `<step>.orbax-checkpoint-tmp-<n>` and renamed to `<step>` only once every
@@ -25,7 +26,7 @@ for that before its first save). tests/test_checkpoint.py simulates the
 crash by renaming a finished step back to a tmp name and truncating it.
 
 All processes must call save / restore_latest / wait_until_finished / close
-together: Orbax synchronises hosts inside those calls.
+together: Orbax and the agreement above synchronise hosts inside them.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from rcfd_jax.errors import UserError
@@ -124,7 +125,7 @@ class Checkpointer:
       async_save: write files in a background thread.
     """
     if max_to_keep < 1:
-      raise UserError(f"checkpoint max_to_keep is {max_to_keep}; set config.checkpoint.max_to_keep >= 1")
+      raise UserError(f"checkpoint max_to_keep is {max_to_keep}; set config.checkpoint.keep >= 1")
     self.directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
@@ -302,7 +303,11 @@ class PreemptionGuard:
 
   @property
   def requested(self) -> bool:
-    """True once this process received one of the signals."""
+    """True once this process received one of the signals.
+
+    Process-local, and never set when JAX's sync manager owns SIGTERM (several
+    processes); loops that may run on several hosts use `should_stop`.
+    """
     return self._flag.is_set()
 
   def should_stop(self, step: int) -> bool:
