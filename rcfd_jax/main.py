@@ -41,13 +41,26 @@ def main(argv):
     sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl's parse, but a bad --config or --config.x override is one stderr line, exit 2.
+
+  absl prints "FATAL Flags parsing error" plus a usage hint for type errors,
+  and an unknown override field surfaces from ml_collections as a bare
+  AttributeError with a traceback.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    text = str(e).replace("\\n", " ")
+    if isinstance(e, (AttributeError, KeyError)):  # ml_collections' repr-quoted "'x'\nDid you mean ..."
+      text = "unknown config field " + text.replace("\\", "").replace("'", "").replace(" Did you", "; did you")
+    print("error: " + " ".join(text.split()), file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
   """Entry point that turns config-file problems into one line too."""
-  try:
-    app.run(main)
-  except flags.Error as e:  # a bad --config or --config.x override
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
