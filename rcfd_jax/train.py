@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,20 @@ def prepare_workdir(workdir: str) -> Path:
   except OSError as e:
     raise UserError(f"workdir {wd} is not writable ({e.strerror}); pick another --workdir") from None
   return wd
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails before anything is loaded or written when workdir cannot become a writable directory.
+
+  Creating it waits until the inputs have loaded, so a bad config or dataset
+  leaves no new directory behind.
+  """
+  wd = Path(workdir).expanduser().absolute()
+  existing = next(p for p in (wd, *wd.parents) if p.exists())
+  if not existing.is_dir():
+    raise UserError(f"workdir {wd} is not writable ({existing} is not a directory); pick another --workdir")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f"workdir {wd} is not writable (no write permission on {existing}); pick another --workdir")
 
 
 @dataclasses.dataclass
@@ -198,8 +213,9 @@ def run(config, workdir: str) -> TrainState:
   """Trains per config, resuming from workdir's latest good checkpoint."""
   distributed.initialize(config.distributed)
   config_lib.check(config, jax.device_count())
+  check_workdir(workdir)
+  s, state = build(config, Path(workdir))
   wd = prepare_workdir(workdir)
-  s, state = build(config, wd)
   ckpt = checkpoint.Checkpointer(wd / "checkpoints", max_to_keep=config.checkpoint.keep)
   writer = metrics.MetricsWriter(wd, config.total_steps)
   start = 0
