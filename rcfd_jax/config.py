@@ -57,7 +57,7 @@ def base() -> ml_collections.ConfigDict:
   c.rl = ml_collections.ConfigDict()
   c.rl.objective = "rcfd"           # max | kl | weighted | rcfd
   c.rl.algorithm = "reinforce"      # reinforce | ppo
-  c.rl.baseline = "whiten"          # REINFORCE baseline: whiten (paper) | loo | none
+  c.rl.baseline = "whiten"          # advantage: whiten (paper) | loo | none | gae (value head, GAE)
   c.rl.beta = 0.0                   # KL coefficient for objective=kl (initial value when adaptive)
   c.rl.kl_estimator = "k1"          # k1 | k2 | k3, per token, summed over the sequence
   c.rl.adaptive_kl = False          # adapt beta towards kl_target
@@ -117,7 +117,8 @@ def check(c: ml_collections.ConfigDict, num_devices: int) -> None:
 
   need(c.rl.objective in OBJECTIVES, f"config.rl.objective={c.rl.objective!r}; use one of {OBJECTIVES}")
   need(c.rl.algorithm in ALGORITHMS, f"config.rl.algorithm={c.rl.algorithm!r}; use one of {ALGORITHMS}")
-  need(c.rl.baseline in ("whiten", "loo", "none"), f"config.rl.baseline={c.rl.baseline!r}; use whiten|loo|none")
+  need(c.rl.baseline in ("whiten", "loo", "none", "gae"),
+       f"config.rl.baseline={c.rl.baseline!r}; use whiten|loo|none|gae")
   need(c.rl.kl_estimator in ("k1", "k2", "k3"), f"config.rl.kl_estimator={c.rl.kl_estimator!r}; use k1|k2|k3")
   need(c.rl.loss_agg in ("token_mean", "seq_mean"), f"config.rl.loss_agg={c.rl.loss_agg!r}")
   need(c.model.dtype in ("float32", "bfloat16"), f"config.model.dtype={c.model.dtype!r}; use float32|bfloat16")
@@ -126,7 +127,7 @@ def check(c: ml_collections.ConfigDict, num_devices: int) -> None:
   need(c.rollout.max_new_tokens > 0, "config.rollout.max_new_tokens must be positive")
   k = c.rollout.samples_per_prompt
   need(k >= 1, "config.rollout.samples_per_prompt must be >= 1")
-  need(not (c.rl.baseline == "loo" and c.rl.algorithm == "reinforce" and k < 2),
+  need(not (c.rl.baseline == "loo" and k < 2),
        "config.rl.baseline=loo needs config.rollout.samples_per_prompt >= 2")
   if c.rl.objective == "weighted":
     need(len(c.rl.alpha) == len(c.reward.sources),

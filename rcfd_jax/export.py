@@ -45,7 +45,7 @@ def load_trained(workdir: str | Path):
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
   tokenizer = train.load_tokenizer(config.policy.path)
   lm = models.load_pretrained(config.policy.path, task="causal_lm", dtype=dtype, mesh=mesh)
-  parts, _ = policy_lib.build(lm, config, value_head=config.rl.algorithm == "ppo", mesh=mesh)
+  parts, _ = policy_lib.build(lm, config, value_head=config.rl.baseline == "gae", mesh=mesh)
   state, _ = train.init_state(config, parts.trainable, train.optimizer(config.optim), mesh)
   ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints", max_to_keep=config.checkpoint.keep)
   restored = ckpt.restore_latest(jax.tree.map(

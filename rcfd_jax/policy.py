@@ -89,7 +89,8 @@ def build(lm: nnx.Module, config, *, value_head: bool, mesh) -> tuple[PolicyPart
   if uses_lora:
     lora.apply(lm, rank=config.model.lora.rank, alpha=config.model.lora.alpha,
                targets=tuple(config.model.lora.targets), rngs=rngs)
-  policy = Policy(lm, hidden_size(lm), value_head=value_head, rngs=rngs)
+  with nnx.use_eager_sharding(False):  # placed with its logical sharding just below
+    policy = Policy(lm, hidden_size(lm), value_head=value_head, rngs=rngs)
   graphdef, trainable, frozen = nnx.split(policy, trainable_filter(uses_lora), ...)
   # Newly added variables (adapters, value head) are placed with their logical sharding.
   trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))

@@ -80,7 +80,7 @@ class StepConfig:
   pad_id: int
   objective: str           # max | kl | weighted | rcfd
   algorithm: str           # reinforce | ppo
-  baseline: str            # whiten | loo | none (REINFORCE)
+  baseline: str            # whiten | loo | none | gae (value head)
   kl_estimator: str        # k1 | k2 | k3
   adaptive_kl: bool
   kl_target: float
@@ -149,7 +149,7 @@ def make_rollout(parts: PolicyParts, rewards: Rewards, sc: StepConfig) -> Callab
                          eos_id=sc.eos_id, pad_id=sc.pad_id)
     tokens, mask = out.tokens_bn, out.mask_bn
     ref_logp, graph_rewards = score(state.params, frozen, ids, pmask, tokens, mask)
-    if sc.algorithm == "ppo":
+    if sc.baseline == "gae":
       seq, seq_mask = _sequences(ids, pmask, tokens, mask)
       logits, values = policy.completion_outputs(seq, seq_mask, ids.shape[1])
       logp = rl.token_logprobs(logits, tokens)
@@ -178,7 +178,7 @@ def objective(sc: StepConfig, reward_rk, demo_rk, seq_kl_r, beta):
 def advantages(sc: StepConfig, score_r, ro: Rollout):
   """(advantages [R, N], returns [R, N]) from the objective's per-rollout score."""
   mask = ro.mask.astype(jnp.float32)
-  if sc.algorithm == "ppo":
+  if sc.baseline == "gae":
     token_rewards = rl.place_at_last(score_r, mask)
     adv, ret = rl.gae(token_rewards, ro.values, mask, sc.gamma, sc.lam)
     adv = rl.masked_whiten(adv, mask)
@@ -204,10 +204,13 @@ def make_update(parts: PolicyParts, rewards: Rewards, tx: optax.GradientTransfor
     logp = rl.token_logprobs(logits, mb["tokens"])
     mask = mb["mask"].astype(jnp.float32)
     if sc.algorithm == "ppo":
-      pg, aux = rl.ppo_policy_loss(logp, mb["logp"], mb["adv"], mask, sc.clip_eps, sc.loss_agg)
+      loss, aux = rl.ppo_policy_loss(logp, mb["logp"], mb["adv"], mask, sc.clip_eps, sc.loss_agg)
+    else:
+      loss, aux = rl.reinforce_policy_loss(logp, mb["adv"], mask, sc.loss_agg), {}
+    if sc.baseline == "gae":
       vl, vaux = rl.value_loss(values, mb["values"], mb["returns"], mask, sc.value_clip, sc.loss_agg)
-      return pg + sc.vf_coef * vl, dict(aux, **vaux, value_loss=vl)
-    return rl.reinforce_policy_loss(logp, mb["adv"], mask, sc.loss_agg), {}
+      loss, aux = loss + sc.vf_coef * vl, dict(aux, **vaux, value_loss=vl)
+    return loss, aux
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

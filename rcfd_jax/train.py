@@ -109,7 +109,7 @@ def build(config, workdir: Path) -> tuple[Setup, TrainState]:
                     f"{config.rollout.max_new_tokens} = {need} exceeds the policy's context "
                     f"{lm.config.max_positions}; lower config.data.max_prompt_tokens or config.rollout.max_new_tokens")
   rewards = rewards_lib.build(config.reward, tokenizer, mesh)
-  parts, ref = policy_lib.build(lm, config, value_head=config.rl.algorithm == "ppo", mesh=mesh)
+  parts, ref = policy_lib.build(lm, config, value_head=config.rl.baseline == "gae", mesh=mesh)
   rm_state = rewards.classifier.state if rewards.classifier is not None and rewards.classifier.in_graph else None
   frozen = Frozen(parts.frozen, ref, rm_state)
   sc = StepConfig.from_config(config, tokenizer.eos_token_id, tokenizer.pad_token_id)
