@@ -298,6 +298,31 @@ def check(config, model, num_processes: int) -> None:
          f"{len(labels)} labels; make them agree")
 
 
+def start_model(config, mesh) -> nnx.Module:
+  """The model to train, sharded on `mesh`.
+
+  A classifier may start from a causal LM directory (the SFT policy, as the
+  paper's reward models start from a pretrained LM): its trunk is copied and
+  a fresh score head with one logit per label is drawn from config.seed.
+  """
+  from rcfd_jax.models import hf
+  task = TASKS[config.stage]
+  hf_config = hf.read_config(hf.resolve_dir(config.model.path))
+  if task == "causal_lm" or models.task_of(hf_config) == "seq_cls":
+    return models.load_pretrained(config.model.path, task=task, mesh=mesh)
+  lm = models.load_pretrained(config.model.path, task="causal_lm", mesh=mesh)
+  arch = [a.replace("LMHeadModel", "ForSequenceClassification").replace("ForCausalLM", "ForSequenceClassification")
+          for a in hf_config.get("architectures") or []]
+  model = models.build(dict(hf_config, num_labels=len(config.data.labels), architectures=arch), task="seq_cls",
+                       mesh=mesh, seed=config.seed)
+  trunk = dict(nnx.to_flat_state(nnx.state(lm, nnx.Param)))
+  mine = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  nnx.update(model, nnx.from_flat_state([(k, trunk[k]) for k, _ in mine if k in trunk]))
+  logging.info("classifier starts from the causal LM %s with a new %d-label head",
+               config.model.path, len(config.data.labels))
+  return model
+
+
 def load_tokenizer(path: str):
   from transformers import AutoTokenizer
   from rcfd_jax.models import hf
@@ -360,11 +385,11 @@ def run(config, workdir: str) -> dict[str, float]:
     raise UserError("config.model.path is empty; set it to the HF model directory to start from")
   wd = Path(workdir).expanduser()
   wd.mkdir(parents=True, exist_ok=True)
+  texts, labels = texts_and_labels(read_jsonl(config.data.path), config)  # data errors before any loading
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   tokenizer = load_tokenizer(config.model.path)
-  model = models.load_pretrained(config.model.path, task=TASKS[config.stage], mesh=mesh)
+  model = start_model(config, mesh)
   check(config, model, jax.process_count())
-  texts, labels = texts_and_labels(read_jsonl(config.data.path), config)
   train, val = split(encode(texts, labels, tokenizer, config.seq_len), config)
   truncated = float(np.mean(train.mask[:, -1]))
   logging.info("%s: %d train / %d validation examples, %.1f%% truncated to %d tokens",
