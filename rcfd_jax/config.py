@@ -50,6 +50,7 @@ def base() -> ml_collections.ConfigDict:
   c.reward.classifier.path = ""     # HF *ForSequenceClassification directory or hub id
   c.reward.classifier.label_index = 0  # which logit is the reward (1 = positive for a sentiment model)
   c.reward.classifier.max_tokens = 512  # RM input length when it re-tokenizes text
+  c.reward.classifier.input = "concat"  # concat: RM reads prompt+completion | pair: (prompt, completion)
   c.reward.function = ml_collections.ConfigDict()
   c.reward.function.name = ""       # registered reward function (rcfd_jax.rewards.register)
   c.reward.function.module = ""     # module imported first so it can register its functions

@@ -101,6 +101,7 @@ class Classifier:
   in_graph: bool          # shares the policy's tokenizer: runs inside the jitted step
   label_index: int
   max_tokens: int
+  input: str              # "concat": RM reads prompt + completion; "pair": tokenizer(prompt, completion)
   fingerprint: str
   _forward: Any = None
 
@@ -112,10 +113,14 @@ class Classifier:
 
     return fn
 
-  def score_texts(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
-    """Host bridge: tokenize texts with the RM's own tokenizer, run the RM jitted."""
-    enc = self.tokenizer(texts, pairs, padding="max_length", truncation=True, max_length=self.max_tokens,
-                         return_tensors="np")
+  def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+    """Host bridge: tokenize with the RM's own tokenizer, run the RM jitted (fixed shapes)."""
+    if self.input == "pair":  # preference RMs read (question, answer) pairs
+      enc = self.tokenizer(prompts, completions, padding="max_length", truncation=True,
+                           max_length=self.max_tokens, return_tensors="np")
+    else:
+      enc = self.tokenizer([p + c for p, c in zip(prompts, completions)], padding="max_length",
+                           truncation=True, max_length=self.max_tokens, return_tensors="np")
     if self._forward is None:
       self._forward = jax.jit(self.logits_fn())
     mask = enc["attention_mask"].astype(bool)
@@ -143,7 +148,10 @@ def load_classifier(cfg, policy_tokenizer, mesh) -> Classifier:
   in_graph = (model.config.model_type in ("gpt2", "llama", "qwen2", "mistral")
               and _tokenizer_hash(tok) == _tokenizer_hash(policy_tokenizer))
   graphdef, state = nnx.split(model)
-  return Classifier(graphdef, state, tok, in_graph, cfg.label_index, cfg.max_tokens,
+  if cfg.input not in ("concat", "pair"):
+    raise UserError(f"config.reward.classifier.input={cfg.input!r}; use concat or pair")
+  in_graph = in_graph and cfg.input == "concat"
+  return Classifier(graphdef, state, tok, in_graph, cfg.label_index, cfg.max_tokens, cfg.input,
                     hf.dir_fingerprint(model_dir) + _tokenizer_hash(tok))
 
 
@@ -196,7 +204,7 @@ class Rewards:
     out = {}
     for s in self.sources:
       if s.kind == "classifier" and not self.classifier.in_graph:
-        out[s.name] = self.classifier.score_texts([p + c for p, c in zip(prompts, completions)])
+        out[s.name] = self.classifier.score(prompts, completions)
       elif s.kind == "function":
         vals = np.asarray(self.function(prompts, completions, rows), np.float32)
         if vals.shape != (len(completions),):
@@ -214,7 +222,7 @@ class Rewards:
     parts = [json.dumps(self.names), policy_fingerprint]
     if self.classifier is not None:
       parts.append(self.classifier.fingerprint + str(self.classifier.label_index)
-                   + str(self.classifier.max_tokens))
+                   + str(self.classifier.max_tokens) + self.classifier.input)
     if self.function is not None:
       parts.append(f"{self.function.__module__}.{self.function.__qualname__}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]

@@ -1,0 +1,61 @@
+"""Every experiment config loads, passes the pre-flight checks and documents its command."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from rcfd_jax import config as config_lib
+from rcfd_jax.errors import UserError
+
+RL_CONFIGS = ["tiny", "wiki_seqll", "imdb", "tldr", "tldr_length"]
+
+
+@pytest.mark.parametrize("name", RL_CONFIGS)
+def test_config_is_valid_and_documented(name):
+  module = importlib.import_module(f"configs.{name}")
+  c = module.get_config()
+  config_lib.check(c, 8)
+  assert f"--config=configs/{name}.py" in module.__doc__
+  # Locked like the CLI locks it: a misspelt field is refused.
+  c.lock()
+  with pytest.raises(AttributeError):
+    c.rl.betaa = 1.0
+
+
+def test_paper_hyperparameters():
+  imdb = importlib.import_module("configs.imdb").get_config()
+  assert (imdb.rl.clip_eps, imdb.optim.learning_rate, imdb.model.lora.rank, imdb.model.lora.alpha) == (
+      0.3, 5e-5, 32, 64.0)
+  assert imdb.rollout.max_new_tokens == 160 and imdb.data.prompt_tokens == 10
+  assert imdb.rollout.prompts_per_step == 8 * 50
+  tldr = importlib.import_module("configs.tldr").get_config()
+  assert tldr.data.min_confidence == 5 and tldr.data.prompt_template == "Summarize: {prompt}"
+  assert tldr.rollout.prompts_per_step == 25 * 20
+  both = importlib.import_module("configs.tldr_length").get_config()
+  assert tuple(both.reward.sources) == ("classifier", "length")
+  wiki = importlib.import_module("configs.wiki_seqll").get_config()
+  assert wiki.data.prompt_tokens == 64 and wiki.rollout.max_new_tokens == 320
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("rl.objective", "maximum", "objective"),
+    ("rl.baseline", "loo", "samples_per_prompt"),
+    ("rl.alpha", (1.0, 2.0), "alpha"),
+    ("optim.grad_accum", 3, "divisible"),
+])
+def test_inconsistent_configs_are_refused(field, value, match):
+  c = importlib.import_module("configs.tiny").get_config()
+  c.rollout.samples_per_prompt = 1
+  c.rl.baseline = "whiten"
+  if field == "rl.alpha":
+    c.rl.objective = "weighted"
+  section, key = field.split(".")
+  setattr(getattr(c, section), key, value)
+  with pytest.raises(UserError, match=match):
+    config_lib.check(c, 8)
+
+
+def test_every_config_file_is_tested():
+  names = {p.stem for p in Path(__file__).parent.parent.joinpath("configs").glob("*.py")}
+  assert set(RL_CONFIGS) <= names
