@@ -41,7 +41,7 @@ def test_paper_hyperparameters():
 @pytest.mark.parametrize("field,value,match", [
     ("rl.objective", "maximum", "objective"),
     ("rl.baseline", "loo", "samples_per_prompt"),
-    ("rl.alpha", (1.0, 2.0), "alpha"),
+    ("rl.alpha", (1.0, 2.0, 3.0), "alpha"),
     ("optim.grad_accum", 3, "divisible"),
 ])
 def test_inconsistent_configs_are_refused(field, value, match):
