@@ -198,7 +198,7 @@ def host_rewards(s: Setup, ro, indices: np.ndarray) -> dict:
                                          skip_special_tokens=True)
   idx = np.repeat(np.asarray(indices), s.sc.samples_per_prompt)
   prompts = [s.train.prompt_texts[i] for i in idx]
-  rows = [s.train.rows[i] for i in idx]
+  rows = [s.train.extras[i] for i in idx]
   return s.rewards.on_host(prompts, completions, rows)
 
 
