@@ -260,7 +260,7 @@ def run(config, workdir: str) -> TrainState:
           raise UserError(f"{config.rl.max_bad_steps} updates in a row had non-finite rewards, losses or "
                           f"gradients; the last good parameters are in {wd / 'checkpoints'}")
       # Checkpoint, then evaluate.
-      preempted = guard.requested
+      preempted = guard.should_stop(done)  # multi-process: a sync point agreed by all
       if done % config.checkpoint.every_steps == 0 or done == config.total_steps or preempted:
         ckpt.save(done, state, _meta(s, config, state, done))
       if done % config.eval.every_steps == 0 or done == config.total_steps:
