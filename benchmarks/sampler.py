@@ -35,6 +35,9 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Prompts per call.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens per prompt.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "Tokens sampled per prompt.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed A B rounds.")
+_PEER_THREADS = flags.DEFINE_integer(
+    "peer_threads", 0, "torch threads; 0 = the cores JAX uses. On a loaded machine torch's OpenMP "
+    "threads degrade far worse than XLA's pool; 1 shows the peer's best case there.")
 
 
 def _cores() -> int:
@@ -51,7 +54,7 @@ def main(argv):
 
   from rcfd_jax import models, sampler
 
-  torch.set_num_threads(_cores())
+  torch.set_num_threads(_PEER_THREADS.value or _cores())
   b, p, n = _BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value
   torch.manual_seed(0)
   cfg = transformers.GPT2Config(vocab_size=_VOCAB.value, n_positions=_CONTEXT.value, n_embd=_WIDTH.value,
@@ -93,7 +96,7 @@ def main(argv):
   med_ours, med_peer = statistics.median(times_ours), statistics.median(times_peer)
   tps_ours, tps_peer = b * n / med_ours, b * n / med_peer
   print(f"config: gpt2 width={_WIDTH.value} layers={_LAYERS.value} heads={_HEADS.value} "
-        f"vocab={_VOCAB.value} batch={b} prompt={p} new={n} fp32, threads={_cores()}, "
+        f"vocab={_VOCAB.value} batch={b} prompt={p} new={n} fp32, jax cores={_cores()}, torch threads={torch.get_num_threads()}, "
         f"jax devices={jax.device_count()}")
   print(f"per-call seconds: ours={[round(t, 4) for t in times_ours]} "
         f"peer={[round(t, 4) for t in times_peer]}")
