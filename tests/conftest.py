@@ -13,3 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+  """One directory of prepared tiny assets (corpus, width-32 GPT-2 policy and RM) per session."""
+  from rcfd_jax import prepare
+  return prepare.build(tmp_path_factory.mktemp("tiny_assets"), n_reviews=400, width=32)
