@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# N CPU processes of the trainer on 127.0.0.1, joined into one global mesh.
+#
+#   launch/local_multiprocess.sh N [main's flags...]
+#   launch/local_multiprocess.sh 2 --config=configs/tiny.py:build/tiny --workdir=/tmp/run2
+#
+# Each process forces DEVICES_PER_PROCESS host CPU devices (default 1) and joins
+# jax.distributed through a coordinator on 127.0.0.1:PORT (default: a free
+# port); CPU collectives go through gloo. The global mesh spans
+# N * DEVICES_PER_PROCESS devices, shaped by --config.mesh.shape as usual.
+# HEARTBEAT_S (default 100) is how long a silent process may go before the
+# others give up on it. Output lines are prefixed with [pI].
+#
+# Waits for all processes. If one exits non-zero, the others are killed and
+# the script exits with that status; Ctrl-C stops them all.
+set -uo pipefail
+
+if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+n=$1
+shift
+devices=${DEVICES_PER_PROCESS:-1}
+port=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+heartbeat=${HEARTBEAT_S:-100}
+
+pids=()
+stop_all() {
+  for pid in "${pids[@]}"; do
+    kill "$pid" 2>/dev/null
+  done
+}
+trap 'stop_all; exit 130' INT TERM
+
+for ((i = 0; i < n; i++)); do
+  JAX_PLATFORMS=cpu python -m rcfd_jax.main "$@" \
+    --config.distributed.coordinator_address="127.0.0.1:${port}" \
+    --config.distributed.num_processes="${n}" \
+    --config.distributed.process_id="${i}" \
+    --config.distributed.num_cpu_devices="${devices}" \
+    --config.distributed.heartbeat_timeout_s="${heartbeat}" \
+    > >(sed -u "s/^/[p${i}] /") 2> >(sed -u "s/^/[p${i}] /" >&2) &
+  pids+=($!)
+  echo "local_multiprocess: process ${i} is pid $!" >&2
+done
+
+status=0
+running=("${pids[@]}")
+while [[ ${#running[@]} -gt 0 ]]; do
+  wait -n -p finished "${running[@]}"  # bash >= 5.1
+  rc=$?
+  left=()
+  for pid in "${running[@]}"; do
+    [[ $pid != "$finished" ]] && left+=("$pid")
+  done
+  running=(${left[@]+"${left[@]}"})
+  if [[ $rc -ne 0 && $status -eq 0 ]]; then
+    status=$rc
+    echo "local_multiprocess: process ${finished} exited with status ${rc}; stopping the others" >&2
+    stop_all
+  fi
+done
+exit "$status"
