@@ -40,7 +40,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from rcfd_jax import models, sharding
+from rcfd_jax import metrics, models, sharding
 from rcfd_jax.errors import UserError
 
 STAGES = ("sft", "classifier")
@@ -415,7 +415,8 @@ def run(config, workdir: str) -> dict[str, float]:
                    out_shardings=(state_sh, rep), donate_argnums=0).lower(state, first).compile()
   logging.info("compiled the update in %.1fs", time.perf_counter() - t0)
 
-  log = (wd / "metrics.jsonl").open("w") if jax.process_index() == 0 else None
+  writer = metrics.MetricsWriter(wd, config.total_steps)
+  writer.truncate_after(0)  # a supervised run starts afresh; no records from an earlier one
   t_last, tokens, t_start = time.perf_counter(), 0, time.perf_counter()
   for step in range(config.total_steps):
     host = train.take(order.indices(step))
@@ -425,14 +426,11 @@ def run(config, workdir: str) -> dict[str, float]:
     if done % config.log_every_steps == 0 or done == config.total_steps:
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       now = time.perf_counter()
-      m.update(step=done, tokens_per_second=tokens / max(now - t_last, 1e-9))
+      m["tokens_per_second"] = tokens / max(now - t_last, 1e-9)
       t_last, tokens = now, 0
-      logging.info("step %d: %s", done, ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k != "step"))
-      if log is not None:
-        log.write(json.dumps(m) + "\n")
-        log.flush()
-  if log is not None:
-    log.close()
+      logging.info("step %d: %s", done, ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
+      writer.write(done, m)
+  writer.close()
   train_seconds = time.perf_counter() - t_start
 
   sums_j = jax.jit(lambda p, b: sums_fn(nnx.merge(graphdef, p, rest), b), in_shardings=(param_sh, batch_sh))
