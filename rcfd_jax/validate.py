@@ -25,8 +25,7 @@ def generate(s, rollout, state, ds, demo: np.ndarray, num_prompts: int) -> dict[
   out = {k: [] for k in ("rewards", "tokens", "mask", "logp", "ref_logp", "demo")}
   for start in range(0, n, b):
     idx = np.arange(start, start + b) % n
-    pi, pc = jax.process_index(), jax.process_count()
-    batch = train.device_batch(s, batcher.gather(idx[pi * b // pc:(pi + 1) * b // pc]), demo)
+    batch = train.device_batch(s, batcher, idx, demo)
     ro = rollout(state, s.frozen, batch)
     parts = {k: np.asarray(train.gather(v)) for k, v in ro.rewards.items()}
     tokens, cmask = np.asarray(train.gather(ro.tokens)), np.asarray(train.gather(ro.mask))
