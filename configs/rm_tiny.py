@@ -4,21 +4,24 @@
     python -m rcfd_jax.supervised --config=configs/sft_tiny.py --workdir=runs/sft_tiny
     python -m rcfd_jax.supervised --config=configs/rm_tiny.py --workdir=runs/rm_tiny
 
-Expect on 2 CPU cores about 75 seconds (300 updates of 32 reviews) and
-validation_accuracy about 0.93 in runs/rm_tiny/eval.json; runs/rm_tiny/model/
-is a GPT2ForSequenceClassification whose class 1 is "positive", so RL
-configs set reward.classifier.path=runs/rm_tiny/model, label_index=1.
+Expect on 2 CPU cores about 70 seconds (300 updates of 32 reviews; measured
+68 s) and, deterministically, validation_accuracy 0.93 (loss 0.20) on 300
+held-out reviews in runs/rm_tiny/eval.json. runs/rm_tiny/model/ is a
+GPT2ForSequenceClassification whose class 1 is "positive", so RL configs set
+reward.classifier.path=runs/rm_tiny/model and label_index=1.
 
 Labels: "negative" -> 0, "positive" -> 1; the ~8% "mixed" reviews
 (|score| < 0.35) are dropped rather than mapped, so the classifier learns the
-sentiment direction and its positive logit still grades them in between,
-which is the spread RCfD calibrates to.
+sentiment direction and its positive logit still grades them in between
+(mean positive logit -1.6 negative, 0.2 mixed, 1.8 positive; correlation
+with the corpus score 0.85), which is the spread RCfD calibrates to.
 
 Why from the SFT policy: like the paper's reward models (DistilBERT, DeBERTa
 fine-tuned from pretrained LMs) it starts from a model that already reads
-the domain; the trainer copies the trunk and draws a new 2-logit head. From
-the random build/tiny/reward_model the same budget overfits (train batches
-1.0, validation 0.80-0.82): --config.model.path=build/tiny/reward_model.
+the domain; the trainer copies the trunk and draws a new 2-logit head.
+Trained from the random build/tiny/reward_model instead
+(--config.model.path=build/tiny/reward_model) it overfits: train batches
+reach 1.0 while validation stays at 0.80 (400 steps) to 0.82 (800 steps).
 The argument overrides the assets directory (--config=configs/rm_tiny.py:DIR);
 --config.model.path=DIR/model picks another SFT run.
 """

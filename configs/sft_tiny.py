@@ -4,10 +4,13 @@
     python -m rcfd_jax.supervised --config=configs/sft_tiny.py --workdir=runs/sft_tiny
 
 Expect on 2 CPU cores about 2 minutes (600 updates of 32 reviews, ~0.2 s
-each, plus ~10 s of loading and compiling). runs/sft_tiny/eval.json then
-shows validation_loss about 0.84 nats/token against a unigram_entropy of
-5.1, and runs/sft_tiny/model/ is the SFT policy; samples from it read like
-the corpus:
+each, plus ~10 s of loading and compiling; measured 2 min 15 s beside other
+jobs, 6 min on cores shared with ten). The run is deterministic:
+runs/sft_tiny/eval.json shows validation_loss 0.836 nats/token (token
+accuracy 0.74) against a unigram_entropy of 5.12, and runs/sft_tiny/model/
+is the SFT policy. Samples mostly read like the corpus, with some broken
+words ("The humor is extremely forgettable, but the set design is fairly
+harmless. Pas is an awful western."); more steps keep lowering the loss.
 
     python -m rcfd_jax.generate --model=runs/sft_tiny/model --prompt="I saw" --num_samples=3
 

@@ -384,7 +384,10 @@ def run(config, workdir: str) -> dict[str, float]:
   if not config.model.path:
     raise UserError("config.model.path is empty; set it to the HF model directory to start from")
   wd = Path(workdir).expanduser()
-  wd.mkdir(parents=True, exist_ok=True)
+  try:
+    wd.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"workdir {wd} cannot be created ({e.strerror}); pick another --workdir") from None
   texts, labels = texts_and_labels(read_jsonl(config.data.path), config)  # data errors before any loading
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   tokenizer = load_tokenizer(config.model.path)
