@@ -10,7 +10,8 @@ multi-process run's Orbax checkpoint, must agree.
 
 A second test kills one of two processes and checks that the survivor stops
 with JAX's "another task died" error within the heartbeat timeout instead of
-hanging in a collective.
+hanging in a collective, and a third that JAX's SLURM detection (what srun
+sets) brings two processes together without any coordinator flags.
 
     pytest tests/test_multihost.py   # about 2 minutes on 2 CPU cores
 """
@@ -156,3 +157,38 @@ def test_killed_process_stops_the_other(tiny_assets, tmp_path):
   assert survivor.returncode != 0
   assert "another task died" in err or "stopped sending heartbeats" in err, err[-3000:]
   print(f"survivor stopped {waited:.0f}s after the kill")
+
+
+_SLURM_PROGRAM = """
+from rcfd_jax import config, distributed
+c = config.base().distributed
+c.num_cpu_devices, c.heartbeat_timeout_s, c.shutdown_timeout_s = 2, 10, 10
+assert distributed.cluster_detected() == "slurm"
+distributed.initialize(c)
+import jax, jax.numpy as jnp
+from jax.experimental import multihost_utils
+ids = multihost_utils.process_allgather(jnp.array([jax.process_index()]))
+print("joined", jax.process_index(), jax.process_count(), jax.device_count(), ids.ravel().tolist())
+distributed.shutdown()
+"""
+
+
+def test_slurm_environment_is_autodetected():
+  """What srun sets for 2 tasks on one node: JAX finds coordinator, count and id by itself."""
+  port = str(_free_port())  # otherwise JAX derives the coordinator port from the job id
+  procs = []
+  for i in range(2):
+    env = dict(_env(), JAX_COORDINATOR_PORT=port, SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost",
+               SLURM_NTASKS="2",
+               SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES="1")
+    procs.append(subprocess.Popen([sys.executable, "-c", _SLURM_PROGRAM], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  try:
+    outs = [p.communicate(timeout=90) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, err[-3000:]
+    assert f"joined {i} 2 4 [0, 1]" in out
