@@ -11,12 +11,13 @@
 # HEARTBEAT_S (default 100) is how long a silent process may go before the
 # others give up on it. Output lines are prefixed with [pI].
 #
-# Waits for all processes. If one exits non-zero, the others are killed and
-# the script exits with that status; Ctrl-C stops them all.
+# Waits for all processes. If one exits non-zero, the others get SIGTERM, then
+# SIGKILL after GRACE_S seconds (default 5), and the script exits with that
+# status; Ctrl-C stops them all the same way.
 set -uo pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 n=$1
@@ -24,11 +25,26 @@ shift
 devices=${DEVICES_PER_PROCESS:-1}
 port=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 heartbeat=${HEARTBEAT_S:-100}
+grace_s=${GRACE_S:-5}
 
 pids=()
+# SIGTERM first (a live trainer saves a checkpoint and stops; JAX's preemption
+# service turns it into a step all processes agree on), SIGKILL after grace_s.
 stop_all() {
+  local pid waited
   for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null
+    kill -TERM "$pid" 2>/dev/null
+  done
+  for ((waited = 0; waited < grace_s; waited++)); do
+    alive=0
+    for pid in "${pids[@]}"; do
+      kill -0 "$pid" 2>/dev/null && alive=1
+    done
+    [[ $alive -eq 0 ]] && return
+    sleep 1
+  done
+  for pid in "${pids[@]}"; do
+    kill -KILL "$pid" 2>/dev/null
   done
 }
 trap 'stop_all; exit 130' INT TERM
