@@ -484,8 +484,11 @@ if __name__ == "__main__":
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for metrics.jsonl, eval.json and model/.")
   flags.mark_flags_as_required(["config", "workdir"])
-  try:
-    app.run(main)
-  except flags.Error as e:  # a bad --config file or --config.x override
-    print(f"error: {e}", file=sys.stderr)
+  try:  # parse here, so a bad --config file or override is one line, not absl's traceback
+    argv = flags.FLAGS(sys.argv)
+    flags.FLAGS.config.keys()  # a config file that failed to load raises only when read
+  except (flags.Error, AttributeError, KeyError, OSError) as e:
+    lines = str(e).replace("\\n", "\n").replace("\\'", "'").splitlines()
+    print(f"error: bad flags: {' '.join(l.strip().strip(chr(39)) for l in lines if l.strip())}", file=sys.stderr)
     sys.exit(2)
+  app.run(main, flags_parser=lambda _: argv)  # parsed above; a second parse would redefine overrides

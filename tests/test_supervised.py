@@ -127,3 +127,15 @@ def test_bad_config_raises_user_error(assets, tmp_path):
     supervised.run(_config(assets, "classifier", three, **{"data.labels": ("a", "b", "c")}), str(tmp_path))
   with pytest.raises(UserError, match="does not exist"):
     supervised.run(_config(assets, "sft", tmp_path / "missing.jsonl"), str(tmp_path))
+
+
+def test_command_line_reports_a_misspelt_override_in_one_line(tmp_path):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-m", "rcfd_jax.supervised", "--config=configs/sft_tiny.py",
+                        f"--workdir={tmp_path}", "--config.data.lables=1"],
+                       cwd=root, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1] == 'error: bad flags: lables Did you mean "labels" instead of "lables"?'
