@@ -1,8 +1,8 @@
 """The tiny sentiment reward model: a GPT-2 classifier fine-tuned from the SFT policy.
 
     python -m rcfd_jax.prepare --out=build/tiny
-    python -m rcfd_jax.supervised --config=configs/sft_tiny.py --workdir=runs/sft_tiny
-    python -m rcfd_jax.supervised --config=configs/rm_tiny.py --workdir=runs/rm_tiny
+    python -m rcfd_jax.main --config=configs/sft_tiny.py --workdir=runs/sft_tiny
+    python -m rcfd_jax.main --config=configs/rm_tiny.py --workdir=runs/rm_tiny
 
 Expect on 2 CPU cores about 70 seconds (300 updates of 32 reviews; measured
 68 s) and, deterministically, validation_accuracy 0.93 (loss 0.20) on 300

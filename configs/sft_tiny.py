@@ -1,7 +1,7 @@
 """SFT of the tiny GPT-2 policy on the synthetic movie reviews (all labels).
 
     python -m rcfd_jax.prepare --out=build/tiny
-    python -m rcfd_jax.supervised --config=configs/sft_tiny.py --workdir=runs/sft_tiny
+    python -m rcfd_jax.main --config=configs/sft_tiny.py --workdir=runs/sft_tiny
 
 Expect on 2 CPU cores about 2 minutes (600 updates of 32 reviews, ~0.2 s
 each, plus ~10 s of loading and compiling; measured 2 min 15 s beside other

@@ -18,6 +18,7 @@ ALGORITHMS = ("reinforce", "ppo")
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.stage = "rl"                    # rl (this trainer) | sft | classifier (rcfd_jax.supervised)
   c.seed = 0                        # seeds parameters of new heads, sampling and data order
   c.total_steps = 100               # RL iterations (one rollout batch each)
   c.log_every_steps = 1             # metrics come off the device only on these steps

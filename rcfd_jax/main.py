@@ -1,10 +1,12 @@
-"""Train a policy with RL, optionally calibrated to demonstrations (RCfD).
+"""Train a policy with RL (optionally calibrated to demonstrations, RCfD), or run a supervised stage.
 
     python -m rcfd_jax.main --config=configs/tiny.py --workdir=/tmp/run
     python -m rcfd_jax.main --config=configs/tldr.py --workdir=DIR --config.rl.objective=kl --config.rl.beta=0.1
+    python -m rcfd_jax.main --config=configs/sft_tiny.py --workdir=DIR     # config.stage = "sft"
 
-A second run of the same command resumes from the latest good checkpoint.
-Config files are Python: run only configs you trust.
+config.stage picks the trainer: "rl" (rcfd_jax.train) or "sft" / "classifier"
+(rcfd_jax.supervised). A second run of the same command resumes RL from the
+latest good checkpoint. Config files are Python: run only configs you trust.
 """
 
 import logging as std_logging
@@ -30,39 +32,29 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from rcfd_jax import train
-  from rcfd_jax.errors import UserError
+  from rcfd_jax import supervised, train
+  from rcfd_jax.errors import exit_on_user_error
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  config = flags.FLAGS.config
+  run = train.run if config.stage == "rl" else supervised.run
+  exit_on_user_error(run)(config, flags.FLAGS.workdir)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags so a bad --config file or override is one line and exit 2, not a traceback."""
   try:
-    train.run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    argv = flags.FLAGS(argv)
+    flags.FLAGS.config.keys()  # a config file that failed to load raises only when read
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
+    lines = str(e).replace("\\n", "\n").replace("\\'", "'").splitlines()
+    print(f"error: bad flags: {' '.join(l.strip().strip(chr(39)) for l in lines if l.strip())}",
+          file=sys.stderr)
     sys.exit(2)
-
-
-def _parse_flags(argv):
-  """absl's parse, but a bad --config or --config.x override is one stderr line, exit 2.
-
-  absl prints "FATAL Flags parsing error" plus a usage hint for type errors,
-  and an unknown override field surfaces from ml_collections as a bare
-  AttributeError with a traceback.
-  """
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    text = str(e).replace("\\n", " ")
-    if isinstance(e, (AttributeError, KeyError)):  # ml_collections' repr-quoted "'x'\nDid you mean ..."
-      text = "unknown config field " + text.replace("\\", "").replace("'", "").replace(" Did you", "; did you")
-    print("error: " + " ".join(text.split()), file=sys.stderr)
-    sys.exit(2)
-
-
-def run():
-  """Entry point that turns config-file problems into one line too."""
-  app.run(main, flags_parser=_parse_flags)
+  return argv
 
 
 if __name__ == "__main__":
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-  run()
+  parsed = parse_flags(sys.argv)
+  app.run(main, flags_parser=lambda _: parsed)  # parsed above; a second parse would redefine overrides

@@ -1,7 +1,7 @@
 """The two supervised stages RCfD assumes before RL, as configs of one trainer.
 
-    python -m rcfd_jax.supervised --config=configs/sft_tiny.py --workdir=runs/sft
-    python -m rcfd_jax.supervised --config=configs/rm_tiny.py --workdir=runs/rm
+    python -m rcfd_jax.main --config=configs/sft_tiny.py --workdir=runs/sft
+    python -m rcfd_jax.main --config=configs/rm_tiny.py --workdir=runs/rm
 
 stage "sft": next-token cross-entropy on the texts of a JSON-lines file, so
 the policy writes text like the demonstrations (the paper's SFT policy).
@@ -458,37 +458,3 @@ def _name_labels(config_json: Path, labels: tuple[str, ...]) -> None:
   cfg["id2label"] = {str(i): label for i, label in enumerate(labels)}
   cfg["label2id"] = {label: i for i, label in enumerate(labels)}
   config_json.write_text(json.dumps(cfg, indent=2))
-
-
-# ---------------------------------------------------------------------- command line
-
-
-def main(argv):
-  from absl import app, flags
-  from rcfd_jax.errors import exit_on_user_error
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  exit_on_user_error(run)(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
-if __name__ == "__main__":
-  import os
-  import sys
-
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-  config_flags.DEFINE_config_file("config", None, "Stage config file (configs/sft_*.py, configs/rm_*.py).",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for metrics.jsonl, eval.json and model/.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  try:  # parse here, so a bad --config file or override is one line, not absl's traceback
-    argv = flags.FLAGS(sys.argv)
-    flags.FLAGS.config.keys()  # a config file that failed to load raises only when read
-  except (flags.Error, AttributeError, KeyError, OSError) as e:
-    lines = str(e).replace("\\n", "\n").replace("\\'", "'").splitlines()
-    print(f"error: bad flags: {' '.join(l.strip().strip(chr(39)) for l in lines if l.strip())}", file=sys.stderr)
-    sys.exit(2)
-  app.run(main, flags_parser=lambda _: argv)  # parsed above; a second parse would redefine overrides

@@ -134,7 +134,7 @@ def test_command_line_reports_a_misspelt_override_in_one_line(tmp_path):
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-m", "rcfd_jax.supervised", "--config=configs/sft_tiny.py",
+  out = subprocess.run([sys.executable, "-m", "rcfd_jax.main", "--config=configs/sft_tiny.py",
                         f"--workdir={tmp_path}", "--config.data.lables=1"],
                        cwd=root, capture_output=True, text=True, timeout=60)
   assert out.returncode == 2
