@@ -215,17 +215,29 @@ def make_update(parts: PolicyParts, rewards: Rewards, tx: optax.GradientTransfor
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def minibatch_grads(params, frozen, mb):
-    """Mean gradient over grad_accum micro-batches of one minibatch."""
-    micro = jax.tree.map(lambda x: x.reshape(sc.grad_accum, -1, *x.shape[1:]), mb)
+    """Loss and gradient of one minibatch, summed over grad_accum micro-batches.
 
-    def body(acc, m):
+    Each micro-batch counts by its share of the minibatch: its completion
+    tokens under token_mean, its sequences under seq_mean. So the result is
+    the whole minibatch's loss whatever grad_accum is (a plain mean of
+    micro-batch token means would over-weight micro-batches of short
+    completions).
+    """
+    micro = jax.tree.map(lambda x: x.reshape(sc.grad_accum, -1, *x.shape[1:]), mb)
+    if sc.loss_agg == "token_mean":
+      tokens = micro["mask"].astype(jnp.float32).sum(axis=(1, 2))
+      weights = tokens / jnp.maximum(tokens.sum(), 1.0)
+    else:
+      weights = jnp.full((sc.grad_accum,), 1.0 / sc.grad_accum)
+
+    def body(acc, m_w):
+      m, w = m_w
       (loss, aux), g = grad_fn(params, frozen, m)
-      return jax.tree.map(jnp.add, acc, (loss, g)), aux
+      return jax.tree.map(lambda a, x: a + w * x, acc, (loss, g)), aux
 
     zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), aux = jax.lax.scan(body, zeros, micro)
-    scale = 1.0 / sc.grad_accum
-    return loss * scale, jax.tree.map(lambda g: g * scale, grads), jax.tree.map(jnp.mean, aux)
+    (loss, grads), aux = jax.lax.scan(body, zeros, (micro, weights))
+    return loss, grads, jax.tree.map(jnp.mean, aux)
 
   def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | None):
     parts_r = dict(ro.rewards, **(host_rewards or {}))
