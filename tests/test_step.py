@@ -1,0 +1,300 @@
+"""The RL core on the tiny model: objectives move what they target, sharding, LoRA, guards, accumulation.
+
+Measurements are deterministic: the policy's next-token distributions on a
+fixed batch of (prompt, demonstration) sequences, not sampled metrics, so a
+flipped gradient sign fails the direction checks rather than drowning in
+sampling noise. The reward is -|y|: the random policy ends about one of 64
+rollouts of 8 tokens early, enough signal at a high learning rate (the
+log-likelihood under a near-uniform random pi_0 is too flat to learn in a
+few steps).
+"""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rcfd_jax import checkpoint, metrics, models, rewards, rl, train
+from rcfd_jax.errors import UserError
+from rcfd_jax.models import layers as L
+from rcfd_jax.step import TrainState, make_rollout, make_scorer, make_update
+
+REPO = Path(__file__).resolve().parents[1]
+N_MEASURE = 16
+
+
+def tiny_config(assets, cache_dir, **overrides):
+  spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(str(assets))
+  base = {
+      "reward.cache_dir": str(cache_dir), "reward.sources": ("length",), "rl.baseline": "whiten",
+      "rollout.max_new_tokens": 8, "rollout.prompts_per_step": 16, "rollout.samples_per_prompt": 4,
+      "data.demo_max_tokens": 8, "data.max_examples": 64, "data.validation_size": 8,
+      "optim.learning_rate": 1e-2, "eval.num_prompts": 8,
+  }
+  for key, value in {**base, **overrides}.items():
+    *path, leaf = key.split(".")
+    node = c
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+PPO = {"rl.algorithm": "ppo", "rl.baseline": "gae", "rl.ppo.epochs": 2, "rl.ppo.minibatches": 2}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("demo_cache")
+
+
+def build(assets, cache_dir, **overrides):
+  return train.build(tiny_config(assets, cache_dir, **overrides), Path("/nonexistent-unused"))
+
+
+_FUSED, _MEASURE = {}, {}
+
+
+def fused(s, objective):
+  """The trainer's fused step compiled for `objective` on setup `s` (once per module)."""
+  key = (id(s), objective)
+  if key not in _FUSED:
+    _FUSED[key] = train.compile_steps(dataclasses.replace(s, sc=dataclasses.replace(s.sc, objective=objective))).fused
+  return _FUSED[key]
+
+
+def train_steps(s, step_fn, state, n, demo=None, beta=None):
+  """n fused steps from a copy of `state` (donated by the step); returns (state, metrics per step)."""
+  state = jax.tree.map(jnp.copy, state)
+  if beta is not None:
+    state = state.replace(beta=jnp.asarray(beta, jnp.float32))
+  demo = s.demo_train if demo is None else demo
+  out = []
+  for i in range(n):
+    batch = train.device_batch(s, s.batcher, s.batcher.indices(i), demo)
+    state, m = step_fn(state, s.frozen, batch)
+    out.append({k: float(v) for k, v in jax.device_get(m).items()})
+  return state, out
+
+
+def _measure_fn(s):
+  if id(s) in _MEASURE:
+    return _MEASURE[id(s)]
+  b = s.batcher.gather(np.arange(N_MEASURE))
+  seq = jnp.asarray(np.concatenate([b.prompt_ids, b.demo_ids], 1))
+  seq_mask = jnp.asarray(np.concatenate([b.prompt_mask, b.demo_mask], 1).astype(bool))
+  mask = jnp.asarray(b.demo_mask, jnp.float32)
+  p_len = b.prompt_ids.shape[1]
+
+  @jax.jit
+  def fn(params):
+    logits, _ = s.parts.merge(params, s.frozen.base).completion_outputs(seq, seq_mask, p_len)
+    ref_logits, _ = s.parts.reference(params, s.frozen.base, s.frozen.ref).completion_outputs(seq, seq_mask, p_len)
+    logp, ref_logp = jax.nn.log_softmax(logits), jax.nn.log_softmax(ref_logits)
+    p = jnp.exp(logp)
+    per_pos = {"expected_loglik": (p * ref_logp).sum(-1), "kl": (p * (logp - ref_logp)).sum(-1),
+               "p_eos": p[..., s.sc.eos_id]}
+    return {k: rl.masked_mean(v, mask) for k, v in per_pos.items()}
+
+  _MEASURE[id(s)] = fn
+  return fn
+
+
+def measure(s, state) -> dict:
+  """Per-token P(EOS), E_pi[log pi_0] and KL(pi || pi_0) on fixed demonstration contexts."""
+  return {k: float(v) for k, v in _measure_fn(s)(state.params).items()}
+
+
+@pytest.fixture(scope="module")
+def reinforce(tiny_assets, cache):
+  return build(tiny_assets, cache)
+
+
+@pytest.fixture(scope="module")
+def ppo(tiny_assets, cache):
+  """PPO, 2 epochs x 2 minibatches, value head, on a (2, 2, 2) mesh of the 8 host devices."""
+  return build(tiny_assets, cache, **PPO, **{"mesh.shape": (2, 2, 2)})
+
+
+@pytest.fixture(params=["reinforce", "ppo"])
+def setup(request):
+  return request.getfixturevalue(request.param)
+
+
+def test_max_length_reward_makes_completions_shorter(setup):
+  """R = -|y|: maximising it raises P(EOS) (a flipped gradient would lower it)."""
+  s, state = setup
+  before = measure(s, state)["p_eos"]
+  after_state, ms = train_steps(s, fused(s, "max"), state, 4)
+  assert measure(s, after_state)["p_eos"] > 1.5 * before
+  assert all(m["skipped"] == 0 for m in ms)
+
+
+def test_rcfd_pulls_reward_toward_the_demonstrations(setup):
+  """Demos shorter than the samples pull P(EOS) up; demos as long as the budget pull it down."""
+  s, state = setup
+  step_fn = fused(s, "rcfd")
+  before = measure(s, state)["p_eos"]
+  n = s.sc.max_new_tokens
+  short, m_short = train_steps(s, step_fn, state, 4, demo=np.full_like(s.demo_train, -2.0))
+  long, m_long = train_steps(s, step_fn, state, 4, demo=np.full_like(s.demo_train, -float(n)))
+  assert m_short[0]["demo_reward_mean"] == -2.0 > m_short[0]["reward_mean"]
+  assert m_long[0]["demo_reward_mean"] == -float(n) < m_long[0]["reward_mean"]
+  assert measure(s, short)["p_eos"] > 1.5 * before
+  assert measure(s, long)["p_eos"] < before
+
+
+def test_kl_penalty_keeps_policy_closer_to_reference(setup):
+  s, state = setup
+  step_fn = fused(s, "kl")
+  free, _ = train_steps(s, step_fn, state, 4, beta=0.0)
+  held, ms = train_steps(s, step_fn, state, 4, beta=10.0)
+  assert ms[0]["beta"] == 10.0
+  kl_free, kl_held = measure(s, free)["kl"], measure(s, held)["kl"]
+  assert kl_free > 1e-3
+  assert kl_held < 0.7 * kl_free, (kl_held, kl_free)
+
+
+def test_sharded_step_matches_single_device(ppo, tiny_assets, cache):
+  s8, state8 = ppo
+  s1, state1 = build(tiny_assets, cache, **PPO, **{"mesh.shape": (1, 1, 1), "mesh.devices": 1})
+  assert s8.mesh.devices.size == 8 and s1.mesh.devices.size == 1
+  out8, m8 = train_steps(s8, fused(s8, "rcfd"), state8, 2)
+  out1, m1 = train_steps(s1, fused(s1, "rcfd"), state1, 2)
+  assert [m["length_mean"] for m in m8] == [m["length_mean"] for m in m1]
+  moved = 0.0
+  for a, b, init in zip(jax.tree.leaves(out8.params), jax.tree.leaves(out1.params), jax.tree.leaves(state1.params)):
+    # Adam divides by sqrt(v): fp32 reduction-order noise in near-zero gradients moves a
+    # parameter by a small fraction of lr (1e-2), so atol is 1% of one step's update.
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    moved = max(moved, float(np.abs(np.asarray(b) - np.asarray(init)).max()))
+  assert moved > 1e-3  # the comparison is between trained parameters, not two copies of the initial ones
+
+
+def test_lora_reference_is_base_model_and_only_adapters_train(tiny_assets, cache):
+  s, state = build(tiny_assets, cache, **PPO, **{"model.lora.rank": 4, "model.lora.targets": ("c_attn",)})
+  paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state.params)}
+  assert paths and all(("lora_a" in p or "lora_b" in p or p.startswith("value")) for p in paths), paths
+  assert any("lora_b" in p for p in paths) and any(p.startswith("value") for p in paths)
+  after, _ = train_steps(s, fused(s, "rcfd"), state, 2)
+  changed = {"/".join(map(str, p)) for (p, a), (_, b) in zip(nnx.to_flat_state(state.params),
+                                                              nnx.to_flat_state(after.params))
+             if not np.array_equal(np.asarray(a[...]), np.asarray(b[...]))}
+  assert any("lora_b" in p for p in changed) and any(p.startswith("value") for p in changed), changed
+
+  # Base weights of the trained policy are the checkpoint's, bit for bit.
+  base = models.load_pretrained(str(tiny_assets / "policy"), task="causal_lm", mesh=s.mesh)
+  base_flat = dict(nnx.to_flat_state(nnx.state(base, nnx.Param)))
+  policy_lm = s.parts.merge(after.params, s.frozen.base).lm
+  trained_flat = nnx.to_flat_state(nnx.state(policy_lm, nnx.Not(nnx.LoRAParam)))
+  assert len(base_flat) == len(list(trained_flat))
+  for path, v in trained_flat:
+    np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(base_flat[path][...]), err_msg=str(path))
+
+  # Reference log-probs (adapters off) are the base model's; the policy's are not.
+  b = s.batcher.gather(np.arange(N_MEASURE))
+  ids, pmask = jnp.asarray(b.prompt_ids), jnp.asarray(b.prompt_mask, bool)
+  tokens, tmask = jnp.asarray(b.demo_ids), jnp.asarray(b.demo_mask, bool)
+  ref_logp, _ = jax.jit(make_scorer(s.parts, s.rewards))(after.params, s.frozen, ids, pmask, tokens, tmask)
+  seq, seq_mask = jnp.concatenate([ids, tokens], 1), jnp.concatenate([pmask, tmask], 1)
+  base_logits = base(seq, seq_mask, positions=L.positions_from_mask(seq_mask))
+  base_logp = rl.token_logprobs(base_logits[:, ids.shape[1] - 1:-1].astype(jnp.float32), tokens)
+  m = np.asarray(tmask)
+  np.testing.assert_allclose(np.asarray(ref_logp)[m], np.asarray(base_logp)[m], rtol=1e-5, atol=1e-5)
+  policy_logits, _ = s.parts.merge(after.params, s.frozen.base).completion_outputs(seq, seq_mask, ids.shape[1])
+  policy_logp = np.asarray(rl.token_logprobs(policy_logits, tokens))
+  assert np.abs(policy_logp - np.asarray(base_logp))[m].max() > 1e-4
+
+
+_POISON = {"on": False}
+
+
+@rewards.register("test_step_poisonable")
+def _poisonable(prompts, completions, rows):
+  del prompts, rows
+  return [math.nan if _POISON["on"] else float(len(c)) for c in completions]
+
+
+def test_non_finite_reward_skips_steps_then_stops_with_a_checkpoint(tiny_assets, cache, tmp_path, monkeypatch):
+  wd = tmp_path / "run"
+  config = tiny_config(tiny_assets, cache, **{
+      "reward.sources": ("function",), "reward.function.name": "test_step_poisonable", "rl.objective": "max",
+      "rl.max_bad_steps": 2, "total_steps": 10, "checkpoint.every_steps": 1, "checkpoint.keep": 10,
+      "eval.every_steps": 100})
+  write = metrics.MetricsWriter.write
+
+  def poison_after_step_2(self, step, m):
+    write(self, step, m)
+    _POISON["on"] = step >= 2
+
+  monkeypatch.setattr(metrics.MetricsWriter, "write", poison_after_step_2)
+  try:
+    with pytest.raises(UserError, match="2 updates in a row had non-finite"):
+      train.run(config, str(wd))
+  finally:
+    _POISON["on"] = False
+  rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["skipped"], r["skipped_total"]) for r in rows] == [(1, 0, 0), (2, 0, 0), (3, 1, 1), (4, 1, 2)]
+  assert rows[2]["reward_mean"] is None  # NaN is written as null
+
+  def latest(like=None):
+    ckpt = checkpoint.Checkpointer(wd / "checkpoints")
+    try:
+      if like is None:
+        return ckpt.all_steps()
+      return ckpt.restore_latest(like)
+    finally:
+      ckpt.close()
+
+  assert latest() == [1, 2, 3]  # step 4 raised before its save; 3 was saved skipped
+  s, init = build(tiny_assets, cache, **{"reward.sources": ("function",),
+                                         "reward.function.name": "test_step_poisonable", "rl.objective": "max"})
+  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), init)
+  step3, st3, _ = latest(like)
+  shutil.rmtree(wd / "checkpoints" / "3")
+  step2, st2, _ = latest(like)
+  shutil.rmtree(wd / "checkpoints" / "2")
+  _, st1, _ = latest(like)
+  assert (step3, int(st3.bad_steps), int(st3.skipped_total), int(st3.step)) == (3, 1, 1, 3)
+  assert step2 == 2 and int(st2.bad_steps) == 0
+  for a, b in zip(jax.tree.leaves((st3.params, st3.opt_state)), jax.tree.leaves((st2.params, st2.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(st2.params), jax.tree.leaves(st1.params)))
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
+def test_grad_accum_gives_the_whole_batch_update(reinforce, loss_agg):
+  """Micro-batches of very different token counts: accumulation must weight them by their share."""
+  s, state = reinforce
+  sgd = optax.sgd(1.0)  # the parameter change is the gradient itself (Adam's first step is only its sign)
+  state = state.replace(params=jax.tree.map(jnp.copy, state.params), opt_state=sgd.init(state.params))
+  batch = train.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  ro = jax.jit(make_rollout(s.parts, s.rewards, s.sc))(state, s.frozen, batch)
+  r, n = ro.tokens.shape
+  lengths = np.where(np.arange(r) < r // 2, 2, n)  # first micro-batch: 2 tokens per row; second: n
+  ro = ro.replace(mask=jnp.asarray(np.arange(n)[None, :] < lengths[:, None]))
+  out = {}
+  for accum in (1, 2):
+    sc = dataclasses.replace(s.sc, objective="max", grad_accum=accum, loss_agg=loss_agg)
+    update = jax.jit(make_update(s.parts, s.rewards, sgd, sc))
+    new, m = update(state, s.frozen, ro, None)
+    out[accum] = (jax.device_get(new.params), float(m["loss"]))
+  assert out[2][1] == pytest.approx(out[1][1], rel=1e-5, abs=1e-7)
+  deltas = []
+  for a, b, p0 in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[2][0]), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    deltas.append(float(np.abs(np.asarray(a) - np.asarray(p0)).max()))
+  assert max(deltas) > 1e-4
