@@ -230,48 +230,49 @@ def run(config, workdir: str) -> TrainState:
     (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
   steps = compile_steps(s)
   t_last = time.perf_counter()
-  with checkpoint.preemption_guard() as guard:
-    for step in range(start, config.total_steps):
-      # Rollout, reward, update: one compiled call unless a reward needs the host.
-      batch = device_batch(s, s.batcher, s.batcher.indices(step), s.demo_train)
-      if steps.fused is not None:
-        state, m = steps.fused(state, s.frozen, batch)
-      else:
-        ro = steps.rollout(state, s.frozen, batch)
-        with rewards_lib.Timer() as bridge:
-          hr = host_rewards(s, ro, s.batcher.indices(step))
-        state, m = steps.update(state, s.frozen, ro, hr)
-      if step == start:  # the step is compiled now, so its analysis is free
-        memory.step_report("train step", steps.fused or steps.update, trainable=state.params,
-                           frozen=s.frozen, opt_state=state.opt_state,
-                           args=(state, s.frozen, batch) if steps.fused else (state, s.frozen, ro, hr))
-      done = step + 1
-      # Log: metrics leave the device only here.
-      if done % config.log_every_steps == 0 or done == config.total_steps:
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        now = time.perf_counter()
-        m["tokens_per_second"] = m["generated_tokens"] * config.log_every_steps / max(now - t_last, 1e-9)
-        t_last = now
-        if steps.fused is None:
-          m["bridge_seconds"] = bridge.seconds
-        writer.write(done, m)
-        if int(jax.device_get(state.bad_steps)) >= config.rl.max_bad_steps:
-          ckpt.wait_until_finished()
-          raise UserError(f"{config.rl.max_bad_steps} updates in a row had non-finite rewards, losses or "
-                          f"gradients; the last good parameters are in {wd / 'checkpoints'}")
-      # Checkpoint, then evaluate.
-      preempted = guard.should_stop(done)  # multi-process: a sync point agreed by all
-      if done % config.checkpoint.every_steps == 0 or done == config.total_steps or preempted:
-        ckpt.save(done, state, _meta(s, config, state, done))
-      if done % config.eval.every_steps == 0 or done == config.total_steps:
-        validate.run(s, steps.eval_rollout, state, wd, done)
-        t_last = time.perf_counter()  # tokens_per_second counts training time only
-      if preempted:
-        logging.warning("SIGTERM received: saved step %d and stopping", done)
-        break
-  ckpt.wait_until_finished()
-  ckpt.close()
-  writer.close()
+  try:
+    with checkpoint.preemption_guard() as guard:
+      for step in range(start, config.total_steps):
+        # Rollout, reward, update: one compiled call unless a reward needs the host.
+        batch = device_batch(s, s.batcher, s.batcher.indices(step), s.demo_train)
+        if steps.fused is not None:
+          state, m = steps.fused(state, s.frozen, batch)
+        else:
+          ro = steps.rollout(state, s.frozen, batch)
+          with rewards_lib.Timer() as bridge:
+            hr = host_rewards(s, ro, s.batcher.indices(step))
+          state, m = steps.update(state, s.frozen, ro, hr)
+        if step == start:  # the step is compiled now, so its analysis is free
+          memory.step_report("train step", steps.fused or steps.update, trainable=state.params,
+                             frozen=s.frozen, opt_state=state.opt_state,
+                             args=(state, s.frozen, batch) if steps.fused else (state, s.frozen, ro, hr))
+        done = step + 1
+        # Log: metrics leave the device only here.
+        if done % config.log_every_steps == 0 or done == config.total_steps:
+          m = {k: float(v) for k, v in jax.device_get(m).items()}
+          now = time.perf_counter()
+          m["tokens_per_second"] = m["generated_tokens"] * config.log_every_steps / max(now - t_last, 1e-9)
+          t_last = now
+          if steps.fused is None:
+            m["bridge_seconds"] = bridge.seconds
+          writer.write(done, m)
+          if int(jax.device_get(state.bad_steps)) >= config.rl.max_bad_steps:
+            raise UserError(f"{config.rl.max_bad_steps} updates in a row had non-finite rewards, losses or "
+                            f"gradients; the last good parameters are in {wd / 'checkpoints'}")
+        # Checkpoint, then evaluate.
+        preempted = guard.should_stop(done)  # multi-process: a sync point agreed by all
+        if done % config.checkpoint.every_steps == 0 or done == config.total_steps or preempted:
+          ckpt.save(done, state, _meta(s, config, state, done))
+        if done % config.eval.every_steps == 0 or done == config.total_steps:
+          validate.run(s, steps.eval_rollout, state, wd, done)
+          t_last = time.perf_counter()  # tokens_per_second counts training time only
+        if preempted:
+          logging.warning("SIGTERM received: saved step %d and stopping", done)
+          break
+  finally:  # a stop on bad steps or an error still finishes the pending save
+    ckpt.wait_until_finished()
+    ckpt.close()
+    writer.close()
   distributed.shutdown()
   return state
 
