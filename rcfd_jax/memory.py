@@ -81,6 +81,8 @@ def step_report(name: str, jitted: Callable, *, trainable: Any, frozen: Any, opt
          "optimizer_state": tree_bytes(opt_state)}
   if stats is not None:
     out.update(temporaries=stats.temporaries, peak_estimate=stats.peak_estimate)
+  if jax.process_index() != 0:  # every process computes (cheap), process 0 logs
+    return out
   logging.info("memory per device (%s, %d devices): params %s trainable + %s frozen, optimizer state %s%s",
                name, jax.device_count(), fmt(out["trainable_params"]), fmt(out["frozen_params"]),
                fmt(out["optimizer_state"]),
