@@ -12,7 +12,9 @@ latest good checkpoint. Config files are Python: run only configs you trust.
 import logging as std_logging
 import os
 import sys
+import traceback
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -45,11 +47,20 @@ def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags so a bad --config file or override is one line and exit 2, not a traceback."""
   try:
     argv = flags.FLAGS(argv)
-    flags.FLAGS.config.keys()  # a config file that failed to load raises only when read
+    config = flags.FLAGS.config
+    if not isinstance(config, ml_collections.ConfigDict):
+      getattr(config, "keys", None)  # a file that failed to load gives an object that raises its error when read
+      raise TypeError(f"get_config() in the --config file returned {type(config).__name__}, not a ConfigDict")
   except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
     lines = str(e).replace("\\n", "\n").replace("\\'", "'").splitlines()
     print(f"error: bad flags: {' '.join(l.strip().strip(chr(39)) for l in lines if l.strip())}",
           file=sys.stderr)
+    sys.exit(2)
+  except Exception as e:  # the config file's own code failed: SyntaxError, NameError, ImportError...
+    where = "" if isinstance(e, SyntaxError) else " at {0.filename}:{0.lineno}".format(
+        traceback.extract_tb(e.__traceback__)[-1])
+    print(f"error: the --config file failed to load ({type(e).__name__}: {e}{where}); fix it "
+          "(config files are Python: run only configs you trust)", file=sys.stderr)
     sys.exit(2)
   return argv
 
