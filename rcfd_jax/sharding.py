@@ -33,7 +33,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
-    "lora": (),
+    "lora": ("fsdp",),  # lora_b [rank, out]: the rank dim is the one left for FSDP
     "positions": (),
     "labels": (),
     "norm": (),

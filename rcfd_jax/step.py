@@ -233,10 +233,12 @@ def make_update(parts: PolicyParts, rewards: Rewards, tx: optax.GradientTransfor
     def body(acc, m_w):
       m, w = m_w
       (loss, aux), g = grad_fn(params, frozen, m)
-      return jax.tree.map(lambda a, x: a + w * x, acc, (loss, g)), aux
+      return jax.tree.map(lambda a, x: a + w * x.astype(jnp.float32), acc, (loss, g)), aux
 
-    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    # Accumulate in float32 whatever the parameter dtype (bf16 sums lose the small terms).
+    zeros = (jnp.zeros(()), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     (loss, grads), aux = jax.lax.scan(body, zeros, (micro, weights))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     return loss, grads, jax.tree.map(jnp.mean, aux)
 
   def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | None):

@@ -298,3 +298,18 @@ def test_grad_accum_gives_the_whole_batch_update(reinforce, loss_agg):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
     deltas.append(float(np.abs(np.asarray(a) - np.asarray(p0)).max()))
   assert max(deltas) > 1e-4
+
+
+def test_bfloat16_lora_with_accumulation_trains(tiny_assets, cache):
+  """bf16 weights: gradients accumulate in float32 and come back in the parameters' dtype."""
+  s, state = build(tiny_assets, cache, **{"model.dtype": "bfloat16", "model.lora.rank": 4,
+                                         "model.lora.targets": ("c_attn",), "optim.grad_accum": 2,
+                                         "mesh.shape": (1, 1, 1), "mesh.devices": 1})
+  before = jax.tree.map(np.asarray, state.params)
+  after, logs = train_steps(s, train.compile_steps(s).fused, state, 1)
+  assert all(np.isfinite(v) for v in logs[0].values())
+  assert logs[0]["skipped"] == 0
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()),
+                       after.params, before)
+  assert max(jax.tree.leaves(moved)) > 0
+  assert {x.dtype for x in jax.tree.leaves(after.params)} == {x.dtype for x in jax.tree.leaves(before)}
