@@ -113,6 +113,23 @@ class Classifier:
 
     return fn
 
+  def check_reads(self, texts: list[str], max_unknown: float = 0.5) -> None:
+    """Refuses an RM whose tokenizer maps most of `texts` to its unknown token.
+
+    Such an RM (another language's vocabulary, say) scores every completion
+    as the same string of unknowns, so its reward carries no signal.
+    """
+    unk = self.tokenizer.unk_token_id
+    if self.in_graph or unk is None or not texts:
+      return
+    ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    total = sum(len(i) for i in ids)
+    unknown = sum(t == unk for i in ids for t in i)
+    if total and unknown / total > max_unknown:
+      raise UserError(f"the reward model's tokenizer reads {unknown / total:.0%} of the prompt and demonstration "
+                      f"tokens as unknown ({self.tokenizer.unk_token}); its vocabulary cannot read this data "
+                      "or the policy's text: use a reward model trained on this language")
+
   def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
     """Host bridge: tokenize with the RM's own tokenizer, run the RM jitted (fixed shapes)."""
     if self.input == "pair":  # preference RMs read (question, answer) pairs
@@ -145,6 +162,11 @@ def load_classifier(cfg, policy_tokenizer, mesh) -> Classifier:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
   except Exception as e:
     raise UserError(f"cannot load the reward model's tokenizer from {model_dir}: {e}") from None
+  if tok.pad_token is None:  # the bridge pads to max_tokens; the mask hides the pad id
+    if tok.eos_token is None:
+      raise UserError(f"the reward model's tokenizer in {model_dir} has neither a pad nor an eos token; "
+                      "set pad_token in its tokenizer_config.json")
+    tok.pad_token = tok.eos_token
   in_graph = (model.config.model_type in ("gpt2", "llama", "qwen2", "mistral")
               and _tokenizer_hash(tok) == _tokenizer_hash(policy_tokenizer))
   graphdef, state = nnx.split(model)

@@ -109,6 +109,8 @@ def build(config, workdir: Path) -> tuple[Setup, TrainState]:
                     f"{config.rollout.max_new_tokens} = {need} exceeds the policy's context "
                     f"{lm.config.max_positions}; lower config.data.max_prompt_tokens or config.rollout.max_new_tokens")
   rewards = rewards_lib.build(config.reward, tokenizer, mesh)
+  if rewards.classifier is not None:
+    rewards.classifier.check_reads(train_ds.prompt_texts[:64] + train_ds.demo_texts[:64])
   parts, ref = policy_lib.build(lm, config, value_head=config.rl.baseline == "gae", mesh=mesh)
   rm_state = rewards.classifier.state if rewards.classifier is not None and rewards.classifier.in_graph else None
   frozen = Frozen(parts.frozen, ref, rm_state)
