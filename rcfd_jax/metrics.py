@@ -204,12 +204,22 @@ class MetricsWriter:
 
   def close(self) -> None:
     """Flushes and closes the sinks."""
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    tb, self._tb = self._tb, None
+    f, self._file = self._file, None
+    try:
+      if tb is not None:
+        tb.close()
+    except OSError:
+      # A failed final flush (full disk) leaves tensorboardX's writer threads running and its
+      # atexit hook flushing again, each a traceback after ours: stop them, mark them closed.
+      for w in tb.all_writers.values():
+        worker, w.event_writer._closed = getattr(w.event_writer, "_worker", None), True
+        if worker is not None:
+          worker.stop()
+      raise
+    finally:
+      if f is not None:
+        f.close()  # may raise when the disk is full; the writer is closed either way
 
   def __enter__(self) -> "MetricsWriter":
     return self

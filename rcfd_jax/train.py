@@ -8,6 +8,7 @@ metrics and evaluation.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import time
@@ -232,6 +233,7 @@ def run(config, workdir: str) -> TrainState:
     (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
   steps = compile_steps(s)
   t_last = time.perf_counter()
+  write_error = None
   try:
     with checkpoint.preemption_guard() as guard:
       for step in range(start, config.total_steps):
@@ -271,12 +273,41 @@ def run(config, workdir: str) -> TrainState:
         if preempted:
           logging.warning("SIGTERM received: saved step %d and stopping", done)
           break
+  except OSError as e:
+    if e.errno not in _DISK_ERRORS:
+      raise
+    write_error = e
   finally:  # a stop on bad steps or an error still finishes the pending save
-    ckpt.wait_until_finished()
-    ckpt.close()
-    writer.close()
+    closing_error = _finish(ckpt, writer)
+  if write_error or closing_error:
+    e = write_error or closing_error
+    done = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    raise UserError(f"writing under {wd} failed ({e.strerror or e}{': ' + e.filename if e.filename else ''}); "
+                    "free space or make it writable, then rerun the same command: it resumes from "
+                    f"checkpoint step {done[-1] if done else 'none'}, the last complete one")
   distributed.shutdown()
   return state
+
+
+# A full, read-only or failing disk: one clear error instead of a traceback.
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def _finish(ckpt: checkpoint.Checkpointer, writer: metrics.MetricsWriter) -> OSError | None:
+  """Waits for the pending save and closes everything; a disk error is returned, not raised.
+
+  Raising here would replace the error that stopped the loop; a save that
+  fails leaves only Orbax's tmp directory, never a step that looks complete.
+  """
+  error = None
+  for close in (ckpt.wait_until_finished, ckpt.close, writer.close):
+    try:
+      close()
+    except OSError as e:
+      if e.errno not in _DISK_ERRORS:
+        raise
+      error = error or e
+  return error
 
 
 def _meta(s: Setup, config, state: TrainState, step: int) -> dict:
