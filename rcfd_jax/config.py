@@ -8,6 +8,7 @@ command line because configs are locked.
 from __future__ import annotations
 
 import ml_collections
+from absl import logging
 
 from rcfd_jax import data
 from rcfd_jax.errors import UserError
@@ -142,4 +143,11 @@ def check(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if c.rl.algorithm == "reinforce":
     need(c.rl.ppo.epochs == 1, "config.rl.ppo.epochs > 1 needs config.rl.algorithm=ppo")
   need(c.checkpoint.every_steps > 0 and c.eval.every_steps > 0, "checkpoint/eval every_steps must be positive")
+  if c.data.demo_max_tokens > c.rollout.max_new_tokens + 1:
+    # Demonstrations are truncated to demo_max_tokens (EOS included), as the paper truncates
+    # them to the generation budget; a longer cap lets y_d outgrow every completion.
+    logging.warning("data.demo_max_tokens=%d keeps demonstrations longer than the generation budget "
+                    "rollout.max_new_tokens=%d; length-sensitive rewards of R(x, y_d) then exceed what the "
+                    "policy can reach: set data.demo_max_tokens <= max_new_tokens + 1 (EOS)",
+                    c.data.demo_max_tokens, c.rollout.max_new_tokens)
   del num_devices
