@@ -25,6 +25,7 @@ from pathlib import Path
 from absl import app, flags
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
 TOTAL = 6
 OVERRIDES = {"total_steps": TOTAL, "checkpoint.every_steps": 2, "eval.every_steps": 3, "eval.num_prompts": 8,
              "rollout.max_new_tokens": 8, "data.demo_max_tokens": 8, "data.max_examples": 64,

@@ -31,6 +31,7 @@ from pathlib import Path
 from absl import app, flags
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
 flags.DEFINE_float("minutes", 30.0, "How long to soak.")
 flags.DEFINE_string("out", "/tmp/soak", "Scratch directory (assets, workdir, cache, logs); emptied first.")
 flags.DEFINE_float("sigterm_min_s", 90.0, "Shortest time from a run's first step to its SIGTERM.")
