@@ -1,0 +1,68 @@
+"""One arm of the CPU reproduction (rcfd_jax.reproduce): RL from the tiny SFT policy.
+
+    python -m rcfd_jax.reproduce --workdir=runs/reproduce     # every arm, tables and plots
+
+runs the whole comparison; one arm alone, once the reproduction has built
+its assets, SFT policy and reward model under DIR, is
+
+    python -m rcfd_jax.main --config=configs/reproduce.py:sentiment,runs/reproduce \
+        --config.rl.objective=kl --config.rl.beta=0.05 --workdir=/tmp/kl05
+
+The argument is "TASK,DIR" with TASK one of
+  loglik     reward = mean per-token log-likelihood of the completion under the
+             frozen SFT policy (the paper's use case 1); prompts are the first
+             8 tokens of any review, the demonstration is the rest.
+  sentiment  reward = positive logit of the tiny classifier (DIR/rm/model,
+             configs/rm_tiny.py); prompts are the first 8 tokens of positive
+             reviews, the demonstration is the rest (the paper's IMDB case).
+Every objective (max, kl, rcfd) shares these settings: the comparison changes
+rl.objective and rl.beta only. Results and times are in docs/reproduce.md.
+"""
+
+from rcfd_jax import config as base
+
+TASKS = ("loglik", "sentiment")
+
+
+def get_config(arg=None):
+  task, _, workdir = (arg or "sentiment").partition(",")
+  workdir = workdir or "runs/reproduce"
+  if task not in TASKS:
+    raise ValueError(f"task {task!r}; use one of {TASKS}")
+  c = base.base()
+  c.seed = 0
+  c.total_steps = 200                       # max over-optimizes both tasks by step ~150 at this lr
+  c.policy.path = f"{workdir}/sft/model"    # the SFT policy of configs/sft_tiny.py
+  c.data.path = f"{workdir}/assets/reviews.jsonl"
+  c.data.format = "continuation"
+  c.data.text_column = "text"
+  if task == "sentiment":
+    c.data.label_column = "label"
+    c.data.label_value = "positive"
+  c.data.prompt_tokens = 8                  # prompt = first 8 tokens; the rest of the review is y_d
+  c.data.max_prompt_tokens = 8
+  c.data.demo_max_tokens = 48               # y_d truncated like the generations (EOS included)
+  c.data.validation_size = 512              # sentiment: 1780 positive reviews, 1268 left to train on
+  c.rollout.prompts_per_step = 16
+  c.rollout.samples_per_prompt = 4
+  c.rollout.max_new_tokens = 48
+  c.reward.cache_dir = f"{workdir}/cache"   # demonstration rewards, next to the runs
+  if task == "sentiment":
+    c.reward.sources = ("classifier",)
+    c.reward.classifier.path = f"{workdir}/rm/model"
+    c.reward.classifier.label_index = 1     # positive
+    c.reward.classifier.max_tokens = 56     # prompt + completion
+  else:
+    c.reward.sources = ("loglik",)
+  c.rl.objective = "rcfd"
+  c.rl.algorithm = "reinforce"              # on-policy: PPO with one epoch and one minibatch is the same
+  c.rl.baseline = "whiten"                  # the paper's baseline: rewards whitened per batch
+  c.rl.beta = 0.0
+  c.rl.kl_estimator = "k1"                  # log(pi/pi_0) summed over the sequence, in the reward
+  c.optim.learning_rate = 4e-4              # tiny full fine-tuning; 1e-3 wrecks the SFT policy (KL 36 by step 10)
+  c.log_every_steps = 10
+  c.checkpoint.every_steps = 100
+  c.checkpoint.keep = 1
+  c.eval.every_steps = c.total_steps        # evaluate once, at the end
+  c.eval.num_prompts = 512                  # all: A of two same-distribution samples is ~0.13 at 256, ~0.05 at 512
+  return c

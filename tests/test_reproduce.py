@@ -1,0 +1,42 @@
+"""The CPU reproduction end to end, shortened (--quick): files and schema, not the targets."""
+
+import json
+
+from rcfd_jax import reproduce
+
+
+def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
+  d = tmp_path / "rep"
+  results = reproduce.reproduce(str(d), quick=True)
+
+  on_disk = json.loads((d / "results.json").read_text())
+  assert on_disk == results
+  assert set(on_disk) == set(reproduce.TASKS)
+  methods = [a.name for a in reproduce.arms(quick=True)]
+  assert methods == ["sft", "max", "kl_0.1", "rcfd"]
+  for task, by_method in on_disk.items():
+    assert list(by_method) == methods, task
+    for method, row in by_method.items():
+      assert list(row) == list(reproduce.KEYS), (task, method)
+      assert all(isinstance(v, float) for v in row.values()), (task, method, row)
+      assert (d / "runs" / task / method / "config.json").exists()
+    assert by_method["sft"]["distinct_2"] == by_method["max"]["sft_distinct_2"]
+  md = (d / "results.md").read_text()
+  assert "| rcfd |" in md and "## Targets" in md and "## Samples" in md
+  assert (d / "results.png").stat().st_size > 10_000
+
+  # A rerun trains nothing: every stage and arm is reused, the reports are rewritten.
+  mtimes = {p: p.stat().st_mtime for p in (d / "runs").rglob("step_*.json")}
+  (d / "results.json").unlink()
+  assert reproduce.reproduce(str(d), quick=True) == results
+  assert {p: p.stat().st_mtime for p in (d / "runs").rglob("step_*.json")} == mtimes
+
+
+def test_full_and_quick_runs_never_share_a_workdir(tmp_path):
+  (tmp_path / "mode.txt").write_text("quick\n")
+  try:
+    reproduce.reproduce(str(tmp_path), quick=False)
+  except reproduce.UserError as e:
+    assert "quick reproduction" in str(e)
+  else:
+    raise AssertionError("a full run reused a quick workdir")
