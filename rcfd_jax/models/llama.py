@@ -19,6 +19,7 @@ from flax import nnx
 
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import layers as L
+from rcfd_jax.models.causal import CausalLM
 from rcfd_jax.models.hf import Tensor, linear
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -219,7 +220,7 @@ class Block(nnx.Module):
     return x, kv
 
 
-class Llama(nnx.Module):
+class Llama(CausalLM):
   """Decoder trunk + LM head (tied or not; task causal_lm) or a score head (seq_cls)."""
 
   def __init__(self, cfg: Config, task: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -249,34 +250,12 @@ class Llama(nnx.Module):
       return self.embed_tokens.attend(hidden).astype(jnp.float32)
     return self.lm_head(hidden).astype(jnp.float32)
 
-  def __call__(self, input_ids, attention_mask=None, *, positions=None, return_hidden=False):
-    b, t = input_ids.shape
-    if attention_mask is None:
-      attention_mask = jnp.ones((b, t), bool)
-    attention_mask = attention_mask.astype(bool)
-    if positions is None:
-      positions = L.positions_from_mask(attention_mask)
-    slots = jnp.arange(t)
-    hidden, _ = self._trunk(input_ids, positions, L.causal_mask(slots, slots, attention_mask))
-    if self.task == "seq_cls":
-      last = L.last_token_index(attention_mask)
-      pooled = hidden[jnp.arange(b), last]
-      return self.score(pooled).astype(jnp.float32)
-    logits = self.head(hidden)
-    return (logits, hidden) if return_hidden else logits
-
-  def init_cache(self, batch: int, max_len: int, dtype=None):
+  def _cache_shape(self, batch: int, max_len: int) -> tuple[int, ...]:
     c = self.config
-    shape = (batch, c.num_key_value_heads, max_len, c.head_dim)  # head-major, see L.write_cache
-    z = lambda: jnp.zeros(shape, dtype or self.dtype)
-    return tuple((z(), z()) for _ in range(c.num_hidden_layers))
+    return (batch, c.num_key_value_heads, max_len, c.head_dim)
 
-  def decode(self, input_ids, positions, cache, key_valid, index):
-    """Runs T new tokens at cache slots [index, index+T); returns (logits, cache)."""
-    t = input_ids.shape[1]
-    mask = L.causal_mask(index + jnp.arange(t), jnp.arange(key_valid.shape[1]), key_valid)
-    hidden, cache = self._trunk(input_ids, positions, mask, cache, index)
-    return self.head(hidden), cache
+  def _num_layers(self) -> int:
+    return self.config.num_hidden_layers
 
 
 def build(cfg: Config, task: str, *, dtype, param_dtype, rngs) -> Llama:
