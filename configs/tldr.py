@@ -17,13 +17,8 @@ from rcfd_jax import config as base
 
 
 def get_config(arg=None):
-  c = base.base()
+  c = base.paper_setup(base.base(), arg or "chavinlo/alpaca-native")
   c.total_steps = 1000
-  c.model.dtype = "bfloat16"
-  c.model.lora.rank = 32
-  c.model.lora.alpha = 64.0
-  c.model.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
-  c.policy.path = arg or "chavinlo/alpaca-native"
   c.data.path = "openai/summarize_from_feedback"
   c.data.hub_config = "comparisons"
   c.data.format = "tldr"
@@ -39,13 +34,5 @@ def get_config(arg=None):
   c.reward.classifier.label_index = 0
   c.reward.classifier.input = "pair"
   c.reward.classifier.max_tokens = 1024
-  c.rl.objective = "rcfd"
-  c.rl.algorithm = "ppo"
-  c.rl.baseline = "whiten"
-  c.rl.clip_eps = 0.3
-  c.optim.learning_rate = 5e-5
   c.optim.grad_accum = 20  # effective batch 500 = 25 x 20
-  c.checkpoint.every_steps = 50
-  c.eval.every_steps = 50
-  c.eval.num_prompts = 500
   return c

@@ -19,13 +19,8 @@ from rcfd_jax import config as base
 
 
 def get_config(arg=None):
-  c = base.base()
+  c = base.paper_setup(base.base(), arg or "meta-llama/Llama-2-7b-hf")
   c.total_steps = 2000
-  c.model.dtype = "bfloat16"
-  c.model.lora.rank = 32
-  c.model.lora.alpha = 64.0
-  c.model.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
-  c.policy.path = arg or "meta-llama/Llama-2-7b-hf"
   c.data.path = "wikimedia/wikipedia"
   c.data.hub_config = "20231101.en"
   c.data.format = "continuation"
@@ -38,14 +33,6 @@ def get_config(arg=None):
   c.rollout.prompts_per_step = 500
   c.rollout.max_new_tokens = 320
   c.reward.sources = ("loglik",)
-  c.rl.objective = "rcfd"
-  c.rl.algorithm = "ppo"
-  c.rl.baseline = "whiten"
-  c.rl.clip_eps = 0.3
-  c.optim.learning_rate = 5e-5
   c.optim.grad_accum = 20
   c.mesh.shape = (1, -1, 1)
-  c.checkpoint.every_steps = 50
-  c.eval.every_steps = 50
-  c.eval.num_prompts = 500
   return c
