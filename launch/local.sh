@@ -13,4 +13,4 @@ extra=()
 if [[ -n "${DEVICES:-}" ]]; then
   extra+=("--config.distributed.num_cpu_devices=${DEVICES}")
 fi
-JAX_PLATFORMS=cpu exec python -m rcfd_jax.main "$@" ${extra[@]+"${extra[@]}"}
+JAX_PLATFORMS=cpu exec "${PYTHON:-python}" -m rcfd_jax.main "$@" ${extra[@]+"${extra[@]}"}

@@ -9,7 +9,8 @@
 # port); CPU collectives go through gloo. The global mesh spans
 # N * DEVICES_PER_PROCESS devices, shaped by --config.mesh.shape as usual.
 # HEARTBEAT_S (default 100) is how long a silent process may go before the
-# others give up on it. Output lines are prefixed with [pI].
+# others give up on it. PYTHON (default: python) is the interpreter. Output lines
+# are prefixed with [pI].
 #
 # Waits for all processes. If one exits non-zero, the others get SIGTERM, then
 # SIGKILL after GRACE_S seconds (default 5), and the script exits with that
@@ -50,7 +51,7 @@ stop_all() {
 trap 'stop_all; exit 130' INT TERM
 
 for ((i = 0; i < n; i++)); do
-  JAX_PLATFORMS=cpu python -m rcfd_jax.main "$@" \
+  JAX_PLATFORMS=cpu "${PYTHON:-python}" -m rcfd_jax.main "$@" \
     --config.distributed.coordinator_address="127.0.0.1:${port}" \
     --config.distributed.num_processes="${n}" \
     --config.distributed.process_id="${i}" \
@@ -61,20 +62,25 @@ for ((i = 0; i < n; i++)); do
   echo "local_multiprocess: process ${i} is pid $!" >&2
 done
 
+# Poll rather than `wait -n`: a child that exits between two waits is reaped by bash
+# and `wait -n PID` then fails with "no such job". `wait PID` still returns its status.
 status=0
-running=("${pids[@]}")
-while [[ ${#running[@]} -gt 0 ]]; do
-  wait -n -p finished "${running[@]}"  # bash >= 5.1
-  rc=$?
-  left=()
-  for pid in "${running[@]}"; do
-    [[ $pid != "$finished" ]] && left+=("$pid")
+left=${#pids[@]}
+done_pids=()
+while [[ $left -gt 0 ]]; do
+  for pid in "${pids[@]}"; do
+    [[ " ${done_pids[*]-} " == *" $pid "* ]] && continue
+    kill -0 "$pid" 2>/dev/null && continue
+    wait "$pid"
+    rc=$?
+    done_pids+=("$pid")
+    left=$((left - 1))
+    if [[ $rc -ne 0 && $status -eq 0 ]]; then
+      status=$rc
+      echo "local_multiprocess: process ${pid} exited with status ${rc}; stopping the others" >&2
+      stop_all
+    fi
   done
-  running=(${left[@]+"${left[@]}"})
-  if [[ $rc -ne 0 && $status -eq 0 ]]; then
-    status=$rc
-    echo "local_multiprocess: process ${finished} exited with status ${rc}; stopping the others" >&2
-    stop_all
-  fi
+  [[ $left -gt 0 ]] && sleep 0.5
 done
 exit "$status"

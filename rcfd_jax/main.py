@@ -65,7 +65,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   return argv
 
 
-if __name__ == "__main__":
+def run(argv: list[str] | None = None) -> None:
+  """The command line: parse flags (one-line errors), then main under absl."""
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-  parsed = parse_flags(sys.argv)
+  parsed = parse_flags(sys.argv if argv is None else argv)
   app.run(main, flags_parser=lambda _: parsed)  # parsed above; a second parse would redefine overrides
+
+
+if __name__ == "__main__":
+  run()

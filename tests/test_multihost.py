@@ -51,7 +51,7 @@ OVERRIDES = {
 def _env() -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", HF_HUB_OFFLINE="1",
-             TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+             TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), PYTHON=sys.executable)
   return env
 
 
