@@ -39,8 +39,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = flags.FLAGS.config
-  run = train.run if config.stage == "rl" else supervised.run
-  exit_on_user_error(run)(config, flags.FLAGS.workdir)
+  trainer = train.run if config.stage == "rl" else supervised.run
+  exit_on_user_error(trainer)(config, flags.FLAGS.workdir)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
