@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from rcfd_jax.models import layers as L
-from rcfd_jax.models.hf import Tensor, linear
+from rcfd_jax.models.hf import Tensor, dense, layer_norm
 
 MODEL_TYPES = ("bert", "distilbert")
 TASKS = ("seq_cls",)
@@ -183,14 +183,6 @@ def build(cfg: Config, task: str, *, dtype, param_dtype, rngs) -> EncoderClassif
   return EncoderClassifier(cfg, task, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-def _ln(path: tuple, name: str) -> list[Tensor]:
-  return [Tensor(path + ("scale",), name + ".weight"), Tensor(path + ("bias",), name + ".bias")]
-
-
-def _dense(path: tuple, name: str) -> list[Tensor]:
-  return [linear(path + ("kernel",), name + ".weight"), Tensor(path + ("bias",), name + ".bias")]
-
-
 def tensors(cfg: Config, task: str) -> list[Tensor]:
   del task
   if cfg.model_type == "distilbert":
@@ -208,10 +200,10 @@ def tensors(cfg: Config, task: str) -> list[Tensor]:
          Tensor(("pos", "embedding"), emb + "position_embeddings.weight")]
   if cfg.type_vocab_size > 0:
     out.append(Tensor(("token_type", "embedding"), emb + "token_type_embeddings.weight"))
-  out += _ln(("emb_ln",), emb + "LayerNorm")
+  out += layer_norm(("emb_ln",), emb + "LayerNorm")
   for i in range(cfg.num_hidden_layers):
     for ours, theirs in sub.items():
-      make = _ln if ours.endswith("_ln") else _dense
+      make = layer_norm if ours.endswith("_ln") else dense
       out += make(("layers", i, ours), f"{layer_prefix}{i}.{theirs}")
-  out += _dense(("pool",), head) + _dense(("classifier",), "classifier")
+  out += dense(("pool",), head) + dense(("classifier",), "classifier")
   return out

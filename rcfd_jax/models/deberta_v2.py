@@ -30,7 +30,7 @@ from flax import nnx
 
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import layers as L
-from rcfd_jax.models.hf import Tensor, linear
+from rcfd_jax.models.hf import Tensor, dense, layer_norm, linear
 
 MODEL_TYPES = ("deberta-v2",)
 TASKS = ("seq_cls",)
@@ -272,14 +272,6 @@ def build(cfg: Config, task: str, *, dtype, param_dtype, rngs) -> DebertaV2Class
   return DebertaV2Classifier(cfg, task, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-def _ln(path: tuple, name: str) -> list[Tensor]:
-  return [Tensor(path + ("scale",), name + ".weight"), Tensor(path + ("bias",), name + ".bias")]
-
-
-def _dense(path: tuple, name: str) -> list[Tensor]:
-  return [linear(path + ("kernel",), name + ".weight"), Tensor(path + ("bias",), name + ".bias")]
-
-
 def tensors(cfg: Config, task: str) -> list[Tensor]:
   del task
   emb, enc = "deberta.embeddings.", "deberta.encoder."
@@ -290,23 +282,23 @@ def tensors(cfg: Config, task: str) -> list[Tensor]:
     out.append(Tensor(("token_type", "embedding"), emb + "token_type_embeddings.weight"))
   if (cfg.embedding_size or cfg.hidden_size) != cfg.hidden_size:
     out.append(linear(("embed_proj", "kernel"), emb + "embed_proj.weight"))
-  out += _ln(("emb_ln",), emb + "LayerNorm")
+  out += layer_norm(("emb_ln",), emb + "LayerNorm")
   separate = cfg.relative_attention and not cfg.share_att_key
   for i in range(cfg.num_hidden_layers):
     h, n = ("layers", i), f"{enc}layer.{i}."
     for proj in ("query_proj", "key_proj", "value_proj"):
-      out += _dense(h + ("attn", proj), n + "attention.self." + proj)
+      out += dense(h + ("attn", proj), n + "attention.self." + proj)
     if separate and "c2p" in cfg.pos_att_type:
-      out += _dense(h + ("attn", "pos_key_proj"), n + "attention.self.pos_key_proj")
+      out += dense(h + ("attn", "pos_key_proj"), n + "attention.self.pos_key_proj")
     if separate and "p2c" in cfg.pos_att_type:
-      out += _dense(h + ("attn", "pos_query_proj"), n + "attention.self.pos_query_proj")
-    out += _dense(h + ("attn_out",), n + "attention.output.dense")
-    out += _ln(h + ("attn_ln",), n + "attention.output.LayerNorm")
-    out += _dense(h + ("fc1",), n + "intermediate.dense") + _dense(h + ("fc2",), n + "output.dense")
-    out += _ln(h + ("ffn_ln",), n + "output.LayerNorm")
+      out += dense(h + ("attn", "pos_query_proj"), n + "attention.self.pos_query_proj")
+    out += dense(h + ("attn_out",), n + "attention.output.dense")
+    out += layer_norm(h + ("attn_ln",), n + "attention.output.LayerNorm")
+    out += dense(h + ("fc1",), n + "intermediate.dense") + dense(h + ("fc2",), n + "output.dense")
+    out += layer_norm(h + ("ffn_ln",), n + "output.LayerNorm")
   if cfg.relative_attention:
     out.append(Tensor(("rel_embeddings", "embedding"), enc + "rel_embeddings.weight"))
     if cfg.norm_rel:
-      out += _ln(("rel_ln",), enc + "LayerNorm")
-  out += _dense(("pool",), "pooler.dense") + _dense(("classifier",), "classifier")
+      out += layer_norm(("rel_ln",), enc + "LayerNorm")
+  out += dense(("pool",), "pooler.dense") + dense(("classifier",), "classifier")
   return out

@@ -44,6 +44,16 @@ def linear(path, hf_name) -> Tensor:
   return Tensor(path, hf_name, lambda x: x.T, lambda x: x.T)
 
 
+def dense(path: tuple, name: str) -> list[Tensor]:
+  """A torch nn.Linear with bias: NAME.weight -> PATH/kernel, NAME.bias -> PATH/bias."""
+  return [linear(path + ("kernel",), name + ".weight"), Tensor(path + ("bias",), name + ".bias")]
+
+
+def layer_norm(path: tuple, name: str) -> list[Tensor]:
+  """A torch LayerNorm: NAME.weight -> PATH/scale, NAME.bias -> PATH/bias."""
+  return [Tensor(path + ("scale",), name + ".weight"), Tensor(path + ("bias",), name + ".bias")]
+
+
 def resolve_dir(path_or_id: str, allow_patterns=("*.json", "*.safetensors", "*.txt", "*.model")) -> Path:
   """A local model directory, or a hub id downloaded when online.
 
