@@ -14,8 +14,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-
 import pytest  # noqa: E402
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +24,14 @@ def tiny_assets(tmp_path_factory):
   """One directory of prepared tiny assets (corpus, width-32 GPT-2 policy and RM) per session."""
   from rcfd_jax import prepare
   return prepare.build(tmp_path_factory.mktemp("tiny_assets"), n_reviews=400, width=32)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """Subprocess environment: the tests' precision, this checkout on the path, one compilation cache per module."""
+  e = dict(os.environ)
+  e.update(JAX_DEFAULT_MATMUL_PRECISION="highest",
+           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+           PYTHONPATH=f"{_REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  return e

@@ -19,7 +19,6 @@ too slow for CI.
 
 import ast
 import json
-import os
 import re
 import shutil
 import signal
@@ -45,16 +44,6 @@ def _one_error_line(proc):
   assert len(errors) == 1, proc.stderr[-3000:]
   assert proc.stderr.rstrip().splitlines()[-1] == errors[0], proc.stderr[-3000:]
   return errors[0]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  e = dict(os.environ)
-  e.update(JAX_DEFAULT_MATMUL_PRECISION="highest",
-           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-           PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-  return e
 
 
 # --------------------------------------------------------------------- bad config files

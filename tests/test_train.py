@@ -8,7 +8,6 @@ compilation cache so only the first of them compiles.
 
 import importlib.util
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -55,17 +54,6 @@ def cli_args(assets, cache_dir, workdir, **overrides):
   flags = [f"--config={REPO / 'configs' / 'tiny.py'}:{assets}", f"--workdir={workdir}",
            f"--config.reward.cache_dir={cache_dir}"]
   return flags + [f"--config.{k}={v}" for k, v in {**FAST, **overrides}.items()]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """Subprocess environment: the test's 8 CPU devices and precision, one shared compilation cache."""
-  e = dict(os.environ)
-  e.update(JAX_DEFAULT_MATMUL_PRECISION="highest",
-           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-           PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-  return e
 
 
 def main_cmd(args):
