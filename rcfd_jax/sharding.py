@@ -38,6 +38,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "labels": (),
     "norm": (),
     "buckets": (),
+    "layers": (),  # the stacked decoder layers' axis; scanned over, so never split
 }
 
 

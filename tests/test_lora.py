@@ -65,12 +65,12 @@ def adapted(ckpt, *, random_b: bool = False, mesh=None):
 
 def test_apply_adds_adapters_and_keeps_logits(ckpt, base_logits):
   model = adapted(ckpt)
-  block = model.layers[0]
-  assert block.q_proj.lora_a[...].shape == (32, 4) and block.q_proj.lora_b[...].shape == (4, 32)
-  assert block.v_proj.lora_b[...].shape == (4, 16) and block.down_proj.lora_a[...].shape == (64, 4)
+  block = model.layers  # both layers, stacked [2, ...]
+  assert block.q_proj.lora_a[...].shape == (2, 32, 4) and block.q_proj.lora_b[...].shape == (2, 4, 32)
+  assert block.v_proj.lora_b[...].shape == (2, 4, 16) and block.down_proj.lora_a[...].shape == (2, 64, 4)
   assert block.k_proj.lora_a is None and model.lm_head.lora_a is None
   assert block.q_proj.lora_scale == 2.0
-  assert len(nnx.state(model, nnx.LoRAParam).flat_state()) == 2 * 3 * 2
+  assert len(nnx.state(model, nnx.LoRAParam).flat_state()) == 3 * 2
   np.testing.assert_array_equal(forward(model), base_logits)
 
 
@@ -92,7 +92,7 @@ def test_merge_folds_adapters_into_kernels(ckpt):
   model = adapted(ckpt, random_b=True)
   merged = lora.merge(model)
   assert not nnx.state(merged, nnx.LoRAParam).flat_state()
-  assert model.layers[0].q_proj.lora_a is not None  # the input model keeps its adapters
+  assert model.layers.q_proj.lora_a is not None  # the input model keeps its adapters
   np.testing.assert_allclose(forward(merged), forward(model), atol=1e-5, rtol=0)
 
 
@@ -128,21 +128,21 @@ def test_optimizer_over_lora_params_touches_only_adapters(ckpt):
 
 def test_adapters_are_born_sharded_on_the_model_mesh(ckpt):
   model = adapted(ckpt, mesh=sharding.make_mesh((2, 2, 2)))
-  q = model.layers[0].q_proj
-  assert q.lora_a[...].sharding.spec == P("fsdp", None)
-  assert q.lora_b[...].sharding.spec == P(None, "tensor")
-  assert sharding.variable_names(q.lora_a) == ("embed", "lora")
-  assert sharding.variable_names(q.lora_b) == ("lora", "heads")
+  q = model.layers.q_proj  # stacked [L, ...]: the layer axis is replicated
+  assert q.lora_a[...].sharding.spec == P(None, "fsdp", None)
+  assert q.lora_b[...].sharding.spec == P(None, "fsdp", "tensor")  # rank over fsdp (sharding.RULES)
+  assert sharding.variable_names(q.lora_a) == ("layers", "embed", "lora")
+  assert sharding.variable_names(q.lora_b) == ("layers", "lora", "heads")
   merged = lora.merge(model)
-  assert merged.layers[0].q_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
+  assert merged.layers.q_proj.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
 
 
 def test_gpt2_fused_attention_target():
   from rcfd_jax import tiny
   model = models.build(tiny.gpt2_config(100, n_embd=32))
   lora.apply(model, rank=2, alpha=2, targets=("c_attn",), rngs=nnx.Rngs(0))
-  assert all(b.c_attn.lora_b[...].shape == (2, 96) for b in model.h)
-  assert model.h[0].c_proj.lora_a is None
+  assert model.h.c_attn.lora_b[...].shape == (model.config.n_layer, 2, 96)
+  assert model.h.c_proj.lora_a is None
 
 
 def test_unknown_target_names_the_available_layers(ckpt):

@@ -142,8 +142,8 @@ def test_same_logits_on_a_2x2x2_mesh(name, tmp_path):
   ids, mask = batch()
   single = forward(models.load_pretrained(str(tmp_path)), ids, mask)
   sharded = models.load_pretrained(str(tmp_path), mesh=sharding.make_mesh((2, 2, 2)))
-  kernel = sharded.h[0].c_fc.kernel if name == "gpt2" else sharded.layers[0].q_proj.kernel
-  assert kernel[...].sharding.spec == P("fsdp", "tensor")
+  kernel = sharded.h.c_fc.kernel if name == "gpt2" else sharded.layers.q_proj.kernel  # stacked [L, ...]
+  assert kernel[...].sharding.spec == P(None, "fsdp", "tensor")
   assert len(kernel[...].addressable_shards) == 8 and not kernel[...].sharding.is_fully_replicated
   real = mask.astype(bool)
   np.testing.assert_allclose(forward(sharded, ids, mask)[real], single[real], atol=1e-5, rtol=0)
@@ -156,7 +156,7 @@ def test_bfloat16_params_run_close_to_float32(tmp_path):
   ids, mask = batch()
   ref = forward(models.load_pretrained(str(tmp_path)), ids, mask)
   model = models.load_pretrained(str(tmp_path), dtype=jnp.bfloat16)
-  assert model.layers[0].q_proj.kernel[...].dtype == jnp.bfloat16
+  assert model.layers.q_proj.kernel[...].dtype == jnp.bfloat16
   got = forward(model, ids, mask)
   assert got.dtype == np.float32
   real = mask.astype(bool)

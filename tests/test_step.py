@@ -177,8 +177,9 @@ def test_sharded_step_matches_single_device(ppo, tiny_assets, cache):
   moved = 0.0
   for a, b, init in zip(jax.tree.leaves(out8.params), jax.tree.leaves(out1.params), jax.tree.leaves(state1.params)):
     # Adam divides by sqrt(v): fp32 reduction-order noise in near-zero gradients moves a
-    # parameter by a small fraction of lr (1e-2), so atol is 1% of one step's update.
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    # parameter by a small fraction of lr (1e-2), so atol is 2% of one step's update (the layer
+    # scan lets XLA order the sharded reductions differently: one element of 8192 reached 1.7%).
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-4)
     moved = max(moved, float(np.abs(np.asarray(b) - np.asarray(init)).max()))
   assert moved > 1e-3  # the comparison is between trained parameters, not two copies of the initial ones
 

@@ -112,22 +112,34 @@ def load_pretrained(path_or_hub_id: str, *, task: str | None = None, dtype=jnp.f
   stored = reader.names()
   placed: dict[tuple, nnx.Variable] = {}
   missing = []
-  for t in fam.tensors(config, task):
-    if t.path not in flat:
-      raise AssertionError(f"{fam.__name__} maps {t.hf_name} to unknown path {t.path}")
-    name = _find_name(t.hf_name, stored, getattr(fam, "PREFIXES", ()))
-    if name is None:
-      missing.append(t.hf_name)
-      continue
-    var = flat[t.path]
+  for path, entries in _by_path(fam.tensors(config, task)).items():
+    if path not in flat:
+      raise AssertionError(f"{fam.__name__} maps {entries[0].hf_name} to unknown path {path}")
+    var = flat[path]
     want = var.get_value()
-    array = t.to_ours(hf.bf16_to_float(reader.get(name)))
-    if tuple(array.shape) != tuple(want.shape):
-      raise UserError(
-          f"tensor {name} in {model_dir} has shape {tuple(array.shape)} but config.json implies "
-          f"{tuple(want.shape)}; the weights do not belong to this config")
-    placed[t.path] = var.replace(
-        sharding.place(array, want.shape, want.dtype, sharding.variable_names(var), mesh))
+    stacked = entries[0].layer is not None
+    if stacked and sorted(t.layer for t in entries) != list(range(want.shape[0])):
+      raise AssertionError(f"{fam.__name__} does not map every layer of {path} exactly once")
+    host = None  # one parameter on the host at a time: a stacked one is filled layer by layer
+    for t in entries:
+      name = _find_name(t.hf_name, stored, getattr(fam, "PREFIXES", ()))
+      if name is None:
+        missing.append(t.hf_name)
+        continue
+      array = t.to_ours(hf.bf16_to_float(reader.get(name)))
+      shape = want.shape[1:] if stacked else want.shape
+      if tuple(array.shape) != tuple(shape):
+        raise UserError(
+            f"tensor {name} in {model_dir} has shape {tuple(array.shape)} but config.json implies "
+            f"{tuple(shape)}; the weights do not belong to this config")
+      if not stacked:
+        host = array
+      else:
+        host = np.empty(want.shape, array.dtype) if host is None else host
+        host[t.layer] = array
+    if not missing:
+      placed[path] = var.replace(
+          sharding.place(host, want.shape, want.dtype, sharding.variable_names(var), mesh))
   if missing:
     raise UserError(f"{model_dir} is missing {len(missing)} weight tensors (first: {missing[0]}); "
                     "the checkpoint is incomplete or of another architecture")
@@ -136,6 +148,14 @@ def load_pretrained(path_or_hub_id: str, *, task: str | None = None, dtype=jnp.f
     raise AssertionError(f"{fam.__name__}.tensors() does not cover {unset[:3]}")
   model = nnx.merge(graphdef, nnx.from_flat_state(list(placed.items())))
   return model
+
+
+def _by_path(tensors: list[hf.Tensor]) -> dict[tuple, list[hf.Tensor]]:
+  """Tensor entries grouped by our parameter: one entry, or one per layer of a stacked parameter."""
+  out: dict[tuple, list[hf.Tensor]] = {}
+  for t in tensors:
+    out.setdefault(t.path, []).append(t)
+  return out
 
 
 def _find_name(name: str, stored: set[str], prefixes: tuple[str, ...]) -> str | None:
@@ -169,14 +189,16 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=np.f
   fam = family(model.config.model_type)
   out_dir = Path(out_dir)
   tensors = {}
-  for t in fam.tensors(model.config, model.task):
-    var = _at(model, t.path)
-    value = _host(var[...]).astype(np.float32)
-    parent = _at(model, t.path[:-1])
-    if t.path[-1] == "kernel" and getattr(parent, "lora_a", None) is not None:
+  for path, entries in _by_path(fam.tensors(model.config, model.task)).items():
+    value = _host(_at(model, path)[...]).astype(np.float32)
+    parent = _at(model, path[:-1])
+    if path[-1] == "kernel" and getattr(parent, "lora_a", None) is not None:
+      # Stacked adapters [L, in, r] @ [L, r, out] merge layer by layer in one batched matmul.
       value = value + (_host(parent.lora_a[...]).astype(np.float32)
                        @ _host(parent.lora_b[...]).astype(np.float32)) * parent.lora_scale
-    tensors[t.hf_name] = np.ascontiguousarray(t.to_hf(value).astype(dtype))
+    for t in entries:
+      one = value if t.layer is None else value[t.layer]
+      tensors[t.hf_name] = np.ascontiguousarray(t.to_hf(one).astype(dtype))
   if jax.process_index() != 0:
     return out_dir
   out_dir.parent.mkdir(parents=True, exist_ok=True)

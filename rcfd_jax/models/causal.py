@@ -3,7 +3,8 @@
 A family subclasses CausalLM and provides `_trunk(ids, positions, mask,
 cache, index) -> (hidden, cache)`, `head(hidden) -> float32 logits`,
 `score` (a Dense, or None unless task == "seq_cls") and `_cache_shape(batch,
-max_len)` ([B, Hkv, S, D], head-major, see layers.write_cache).
+max_len)` ([L, B, Hkv, S, D]: layers stacked like the block parameters, so
+the layer scan carries it; head-major, see layers.write_cache).
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ class CausalLM(nnx.Module):
     return (logits, hidden) if return_hidden else logits
 
   def init_cache(self, batch: int, max_len: int, dtype=None):
-    """Zeroed per-layer (k, v) buffers for `max_len` cache slots."""
+    """Zeroed (k, v) buffers [L, B, Hkv, max_len, D] for `max_len` cache slots of every layer."""
     shape = self._cache_shape(batch, max_len)
-    z = lambda: jnp.zeros(shape, dtype or self.dtype)
-    return tuple((z(), z()) for _ in range(self._num_layers()))
+    return (jnp.zeros(shape, dtype or self.dtype), jnp.zeros(shape, dtype or self.dtype))
 
   def decode(self, input_ids, positions, cache, key_valid, index):
     """Runs T new tokens at cache slots [index, index+T); returns (logits, cache)."""

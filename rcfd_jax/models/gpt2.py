@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rcfd_jax.models import layers as L
@@ -75,9 +76,21 @@ def config_from_hf(c: dict[str, Any]) -> Config:
       pad_token_id=c.get("pad_token_id"), num_labels=num_labels, extra=extra)
 
 
-class Block(nnx.Module):
+def attn_scales(cfg: Config) -> np.ndarray:
+  """Per-layer attention scale [L] in float32, rounded from float64 as a Python-float scale would be.
 
-  def __init__(self, cfg: Config, layer_idx: int, *, dtype, param_dtype, rngs):
+  A table scanned alongside the layers (not a static attribute of one
+  block), since scale_attn_by_inverse_layer_idx differs per layer.
+  """
+  base = (cfg.n_embd // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
+  div = [i + 1 if cfg.scale_attn_by_inverse_layer_idx else 1 for i in range(cfg.n_layer)]
+  return np.array([base / d for d in div], np.float32)
+
+
+class Block(nnx.Module):
+  """One decoder layer; GPT2 holds all of them stacked [L, ...] (layers.stacked)."""
+
+  def __init__(self, cfg: Config, *, dtype, param_dtype, rngs):
     d, kw = cfg.n_embd, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ln_1 = L.LayerNorm(d, eps=cfg.layer_norm_epsilon, **kw)
     self.c_attn = L.Dense(d, 3 * d, ("embed", "heads"), **kw)
@@ -87,18 +100,14 @@ class Block(nnx.Module):
     self.mlp_proj = L.Dense(cfg.n_inner, d, ("mlp", "embed"), **kw)
     self.act = L.activation(cfg.activation_function)
     self.heads = cfg.n_head
-    scale = (d // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
-    if cfg.scale_attn_by_inverse_layer_idx:
-      scale /= layer_idx + 1
-    self.scale = scale
 
-  def __call__(self, x, mask, kv=None, index=None):
+  def __call__(self, x, mask, scale, layer, kv=None, index=None):
     q, k, v = jnp.split(self.c_attn(self.ln_1(x)), 3, axis=-1)
     q, k, v = (L.split_heads(t, self.heads) for t in (q, k, v))
     if kv is not None:
-      kv = (L.write_cache(kv[0], k, index), L.write_cache(kv[1], v, index))
-      k, v = L.cache_view(kv[0]), L.cache_view(kv[1])
-    a = L.attention(q, k, v, mask, scale=self.scale)
+      kv = (L.write_cache(kv[0], k, layer, index), L.write_cache(kv[1], v, layer, index))
+      k, v = L.cache_view(kv[0], layer), L.cache_view(kv[1], layer)
+    a = L.attention(q, k, v, mask, scale=scale)
     x = x + self.c_proj(L.merge_heads(a))
     x = x + self.mlp_proj(self.act(self.c_fc(self.ln_2(x))))
     return x, kv
@@ -113,18 +122,20 @@ class GPT2(CausalLM):
     self.config, self.task, self.dtype = cfg, task, dtype
     self.wte = L.Embed(cfg.vocab_size, cfg.n_embd, ("vocab", "embed"), **kw)
     self.wpe = L.Embed(cfg.n_positions, cfg.n_embd, ("positions", "embed"), **kw)
-    self.h = nnx.List([Block(cfg, i, **kw) for i in range(cfg.n_layer)])
+    self.h = L.stacked(lambda r: Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.n_layer, rngs)
     self.ln_f = L.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, **kw)
     self.score = (L.Dense(cfg.n_embd, cfg.num_labels, ("embed", "labels"), use_bias=False, **kw)
                   if task == "seq_cls" else None)
 
   def _trunk(self, ids, positions, mask, cache=None, index=None):
     x = self.wte(ids) + self.wpe(positions)
-    new_cache = []
-    for i, block in enumerate(self.h):
-      x, kv = block(x, mask, None if cache is None else cache[i], index)
-      new_cache.append(kv)
-    return self.ln_f(x), (tuple(new_cache) if cache is not None else None)
+
+    def layer(block, carry, i, scale):
+      x, kv = carry
+      return block(x, mask, scale, i, kv, index)
+
+    x, cache = L.scan_layers(self.h, layer, (x, cache), jnp.asarray(attn_scales(self.config)))
+    return self.ln_f(x), cache
 
   def head(self, hidden: jax.Array) -> jax.Array:
     """float32 logits from final hidden states."""
@@ -132,10 +143,7 @@ class GPT2(CausalLM):
 
   def _cache_shape(self, batch: int, max_len: int) -> tuple[int, ...]:
     c = self.config
-    return (batch, c.n_head, max_len, c.n_embd // c.n_head)
-
-  def _num_layers(self) -> int:
-    return self.config.n_layer
+    return (c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head)
 
 
 def build(cfg: Config, task: str, *, dtype, param_dtype, rngs) -> GPT2:
@@ -146,18 +154,14 @@ def tensors(cfg: Config, task: str) -> list[Tensor]:
   p = "transformer."
   out = [Tensor(("wte", "embedding"), p + "wte.weight"), Tensor(("wpe", "embedding"), p + "wpe.weight")]
   for i in range(cfg.n_layer):
-    h, n = ("h", i), f"{p}h.{i}."
-    out += [
-        Tensor(h + ("ln_1", "scale"), n + "ln_1.weight"), Tensor(h + ("ln_1", "bias"), n + "ln_1.bias"),
-        Tensor(h + ("c_attn", "kernel"), n + "attn.c_attn.weight"),
-        Tensor(h + ("c_attn", "bias"), n + "attn.c_attn.bias"),
-        Tensor(h + ("c_proj", "kernel"), n + "attn.c_proj.weight"),
-        Tensor(h + ("c_proj", "bias"), n + "attn.c_proj.bias"),
-        Tensor(h + ("ln_2", "scale"), n + "ln_2.weight"), Tensor(h + ("ln_2", "bias"), n + "ln_2.bias"),
-        Tensor(h + ("c_fc", "kernel"), n + "mlp.c_fc.weight"), Tensor(h + ("c_fc", "bias"), n + "mlp.c_fc.bias"),
-        Tensor(h + ("mlp_proj", "kernel"), n + "mlp.c_proj.weight"),
-        Tensor(h + ("mlp_proj", "bias"), n + "mlp.c_proj.bias"),
-    ]
+    n = f"{p}h.{i}."
+    out += [Tensor(("h",) + ours, n + theirs, layer=i) for ours, theirs in (
+        (("ln_1", "scale"), "ln_1.weight"), (("ln_1", "bias"), "ln_1.bias"),
+        (("c_attn", "kernel"), "attn.c_attn.weight"), (("c_attn", "bias"), "attn.c_attn.bias"),
+        (("c_proj", "kernel"), "attn.c_proj.weight"), (("c_proj", "bias"), "attn.c_proj.bias"),
+        (("ln_2", "scale"), "ln_2.weight"), (("ln_2", "bias"), "ln_2.bias"),
+        (("c_fc", "kernel"), "mlp.c_fc.weight"), (("c_fc", "bias"), "mlp.c_fc.bias"),
+        (("mlp_proj", "kernel"), "mlp.c_proj.weight"), (("mlp_proj", "bias"), "mlp.c_proj.bias"))]
   out += [Tensor(("ln_f", "scale"), p + "ln_f.weight"), Tensor(("ln_f", "bias"), p + "ln_f.bias")]
   if task == "seq_cls":
     out.append(Tensor(("score", "kernel"), "score.weight", lambda x: x.T, lambda x: x.T))

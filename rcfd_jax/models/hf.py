@@ -32,16 +32,20 @@ class Tensor:
 
   to_ours maps the stored array to our layout (e.g. transpose a torch
   nn.Linear [out, in] weight to an [in, out] kernel); to_hf is its inverse.
+  With `layer` set, the Hugging Face tensor is slice `layer` of our
+  parameter at `path`, whose leading axis stacks the decoder layers (the
+  blocks are scanned, see layers.stacked); to_ours / to_hf act on one slice.
   """
   path: tuple[str | int, ...]
   hf_name: str
   to_ours: Callable[[np.ndarray], np.ndarray] = lambda x: x
   to_hf: Callable[[np.ndarray], np.ndarray] = lambda x: x
+  layer: int | None = None
 
 
-def linear(path, hf_name) -> Tensor:
+def linear(path, hf_name, layer: int | None = None) -> Tensor:
   """A torch nn.Linear weight [out, in] stored as our [in, out] kernel."""
-  return Tensor(path, hf_name, lambda x: x.T, lambda x: x.T)
+  return Tensor(path, hf_name, lambda x: x.T, lambda x: x.T, layer)
 
 
 def dense(path: tuple, name: str) -> list[Tensor]:

@@ -190,7 +190,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 class Block(nnx.Module):
-  """Pre-norm decoder layer; Dense names match transformers' so LoRA targets read the same."""
+  """Pre-norm decoder layer; Dense names match transformers' so LoRA targets read the same.
+
+  Llama holds all layers as one Block with parameters stacked [L, ...] (layers.stacked).
+  """
 
   def __init__(self, cfg: Config, *, dtype, param_dtype, rngs):
     d, hd, kw = cfg.hidden_size, cfg.head_dim, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -206,14 +209,14 @@ class Block(nnx.Module):
     self.act = L.activation(cfg.hidden_act)
     self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
 
-  def __call__(self, x, positions, inv_freq, mask, kv=None, index=None):
+  def __call__(self, x, positions, inv_freq, mask, layer, kv=None, index=None):
     h = self.input_layernorm(x)
     q = apply_rope(L.split_heads(self.q_proj(h), self.heads), positions, inv_freq)
     k = apply_rope(L.split_heads(self.k_proj(h), self.kv_heads), positions, inv_freq)
     v = L.split_heads(self.v_proj(h), self.kv_heads)
     if kv is not None:
-      kv = (L.write_cache(kv[0], k, index), L.write_cache(kv[1], v, index))
-      k, v = L.cache_view(kv[0]), L.cache_view(kv[1])
+      kv = (L.write_cache(kv[0], k, layer, index), L.write_cache(kv[1], v, layer, index))
+      k, v = L.cache_view(kv[0], layer), L.cache_view(kv[1], layer)
     x = x + self.o_proj(L.merge_heads(L.attention(q, k, v, mask)))
     h = self.post_attention_layernorm(x)
     x = x + self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
@@ -228,7 +231,8 @@ class Llama(CausalLM):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.config, self.task, self.dtype = cfg, task, dtype
     self.embed_tokens = L.Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
-    self.layers = nnx.List([Block(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+    self.layers = L.stacked(lambda r: Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+                            cfg.num_hidden_layers, rngs)
     self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.lm_head = (L.Dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
                     if task == "causal_lm" and not cfg.tie_word_embeddings else None)
@@ -238,11 +242,13 @@ class Llama(CausalLM):
   def _trunk(self, ids, positions, mask, cache=None, index=None):
     inv_freq = rope_inv_freq(self.config)  # a trace-time constant
     x = self.embed_tokens(ids)
-    new_cache = []
-    for i, block in enumerate(self.layers):
-      x, kv = block(x, positions, inv_freq, mask, None if cache is None else cache[i], index)
-      new_cache.append(kv)
-    return self.norm(x), (tuple(new_cache) if cache is not None else None)
+
+    def layer(block, carry, i, _):
+      x, kv = carry
+      return block(x, positions, inv_freq, mask, i, kv, index)
+
+    x, cache = L.scan_layers(self.layers, layer, (x, cache))
+    return self.norm(x), cache
 
   def head(self, hidden: jax.Array) -> jax.Array:
     """float32 logits from final hidden states."""
@@ -252,10 +258,7 @@ class Llama(CausalLM):
 
   def _cache_shape(self, batch: int, max_len: int) -> tuple[int, ...]:
     c = self.config
-    return (batch, c.num_key_value_heads, max_len, c.head_dim)
-
-  def _num_layers(self) -> int:
-    return self.config.num_hidden_layers
+    return (c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim)
 
 
 def build(cfg: Config, task: str, *, dtype, param_dtype, rngs) -> Llama:
@@ -266,18 +269,18 @@ def tensors(cfg: Config, task: str) -> list[Tensor]:
   p = "model."
   out = [Tensor(("embed_tokens", "embedding"), p + "embed_tokens.weight")]
   for i in range(cfg.num_hidden_layers):
-    h, n = ("layers", i), f"{p}layers.{i}."
-    out += [Tensor(h + ("input_layernorm", "scale"), n + "input_layernorm.weight"),
-            Tensor(h + ("post_attention_layernorm", "scale"), n + "post_attention_layernorm.weight")]
+    h, n = ("layers",), f"{p}layers.{i}."
+    out += [Tensor(h + ("input_layernorm", "scale"), n + "input_layernorm.weight", layer=i),
+            Tensor(h + ("post_attention_layernorm", "scale"), n + "post_attention_layernorm.weight", layer=i)]
     for name, bias in (("q_proj", cfg.qkv_bias), ("k_proj", cfg.qkv_bias), ("v_proj", cfg.qkv_bias),
                        ("o_proj", cfg.o_bias)):
-      out.append(linear(h + (name, "kernel"), f"{n}self_attn.{name}.weight"))
+      out.append(linear(h + (name, "kernel"), f"{n}self_attn.{name}.weight", layer=i))
       if bias:
-        out.append(Tensor(h + (name, "bias"), f"{n}self_attn.{name}.bias"))
+        out.append(Tensor(h + (name, "bias"), f"{n}self_attn.{name}.bias", layer=i))
     for name in ("gate_proj", "up_proj", "down_proj"):
-      out.append(linear(h + (name, "kernel"), f"{n}mlp.{name}.weight"))
+      out.append(linear(h + (name, "kernel"), f"{n}mlp.{name}.weight", layer=i))
       if cfg.mlp_bias:
-        out.append(Tensor(h + (name, "bias"), f"{n}mlp.{name}.bias"))
+        out.append(Tensor(h + (name, "bias"), f"{n}mlp.{name}.bias", layer=i))
   out.append(Tensor(("norm", "scale"), p + "norm.weight"))
   if task == "causal_lm" and not cfg.tie_word_embeddings:
     out.append(linear(("lm_head", "kernel"), "lm_head.weight"))

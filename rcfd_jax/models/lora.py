@@ -7,6 +7,9 @@
 
 The adapter lives on layers.Dense as lora_a [in, rank] and lora_b [rank, out]
 (nnx.LoRAParam, a subclass of nnx.Param) and adds (x @ a @ b) * alpha / rank.
+On the decoder layers, whose kernels are stacked [L, in, out] (layers.stacked),
+the adapters are stacked too, [L, in, rank] and [L, rank, out], each layer
+drawn independently, so the layer scan slices them with the kernels.
 lora_b starts at zero, so a freshly adapted model computes the base model
 exactly; zeroing the adapters in the state is how the reference policy is
 evaluated without a second copy of the weights.
@@ -69,14 +72,17 @@ def apply(model: nnx.Module, *, rank: int, alpha: float, targets: Sequence[str],
                     f"available: {', '.join(available)}")
   for _, dense in hits:
     kernel = dense.kernel[...]
-    din, dout = kernel.shape
-    in_name, out_name = sharding.variable_names(dense.kernel) or (None, None)
+    *lead, din, dout = kernel.shape  # lead: (L,) on stacked decoder layers
+    lead = tuple(lead)
+    names = sharding.variable_names(dense.kernel) or (None,) * kernel.ndim
+    lead_names, (in_name, out_name) = tuple(names[:-2]), names[-2:]
     mesh, dtype = _mesh_of(kernel), kernel.dtype
-    a_names, b_names = (in_name, "lora"), ("lora", out_name)
+    a_names, b_names = lead_names + (in_name, "lora"), lead_names + ("lora", out_name)
+    a_shape, b_shape = lead + (din, rank), lead + (rank, dout)
     key = rngs.params()
-    a = _born(lambda: jax.random.normal(key, (din, rank), jnp.float32).astype(dtype) * (din ** -0.5),
-              a_names, (din, rank), mesh)
-    b = _born(lambda: jnp.zeros((rank, dout), dtype), b_names, (rank, dout), mesh)
+    a = _born(lambda: jax.random.normal(key, a_shape, jnp.float32).astype(dtype) * (din ** -0.5),
+              a_names, a_shape, mesh)
+    b = _born(lambda: jnp.zeros(b_shape, dtype), b_names, b_shape, mesh)
     with nnx.use_eager_sharding(False):  # already placed by _born; only record the names
       dense.lora_a = nnx.LoRAParam(a, out_sharding=a_names)
       dense.lora_b = nnx.LoRAParam(b, out_sharding=b_names)
@@ -114,6 +120,7 @@ def merge(model: nnx.Module) -> nnx.Module:
     if dense.lora_a is None:
       continue
     kernel, a, b, scale = dense.kernel[...], dense.lora_a[...], dense.lora_b[...], dense.lora_scale
+    # a @ b is batched over a leading layer axis when the kernel is stacked.
     fold = lambda k, a, b: (k.astype(jnp.float32) + (a.astype(jnp.float32) @ b.astype(jnp.float32))
                             * scale).astype(k.dtype)
     out = kernel.sharding if isinstance(kernel.sharding, NamedSharding) else None

@@ -1,0 +1,66 @@
+"""Compile time of the first fused RL step, the cost that grows with model depth.
+
+    python benchmarks/compile_time.py --width=512 --layers=8
+    python benchmarks/compile_time.py                      # the tiny setup (128 wide, 2 layers)
+
+Same setup as benchmarks/rl_step.py (GPT-2 assets of common.build_assets, 8
+prompts x 4 samples, 32 new tokens, REINFORCE-LOO with the in-graph word
+count). Times tracing + lowering and XLA compilation of train.compile_steps'
+fused program separately, since scanning over layers shrinks both, then the
+median of --iters runs of the compiled step, to show the scan costs no speed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+_WIDTH = flags.DEFINE_integer("width", 128, "Model width.")
+_LAYERS = flags.DEFINE_integer("layers", 2, "Layers.")
+_ITERS = flags.DEFINE_integer("iters", 5, "Timed runs of the compiled step.")
+
+
+def main(argv):
+  del argv
+  import dataclasses
+  import tempfile
+
+  import jax
+
+  from benchmarks import rl_ours
+  from rcfd_jax import train
+
+  assets = common.build_assets(Path("/tmp/rcfd_bench") / f"w{_WIDTH.value}l{_LAYERS.value}",
+                               width=_WIDTH.value, layers=_LAYERS.value)
+  flags.FLAGS(["x", f"--assets={assets}"])
+  wd = Path(tempfile.mkdtemp())
+  config = rl_ours.make_config(assets, wd)
+  s, state = train.build(config, wd)
+  s.sc = dataclasses.replace(s.sc, eos_id=-1)
+  steps = train.compile_steps(s)
+  batch = train.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  t0 = time.perf_counter()
+  lowered = steps.fused.lower(state, s.frozen, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  ts = []
+  for i in range(_ITERS.value + 1):  # the first run warms allocators and is not counted
+    b = train.device_batch(s, s.batcher, s.batcher.indices(i), s.demo_train)
+    t = time.perf_counter()
+    state, m = compiled(state, s.frozen, b)
+    jax.block_until_ready(m)
+    ts.append(time.perf_counter() - t)
+  print(f"compile_time w{_WIDTH.value}l{_LAYERS.value}: trace+lower {t1 - t0:.1f} s, "
+        f"XLA compile {t2 - t1:.1f} s, total {t2 - t0:.1f} s; step {common.median(ts[1:]):.3f} s")
+
+
+if __name__ == "__main__":
+  app.run(main)
