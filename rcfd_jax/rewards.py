@@ -25,7 +25,6 @@ import hashlib
 import importlib
 import json
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rcfd_jax import models, sharding, words
+from rcfd_jax import models, words
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import hf
 

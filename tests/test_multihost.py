@@ -29,7 +29,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 from configs import tiny as tiny_config
 

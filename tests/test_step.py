@@ -26,7 +26,7 @@ from flax import nnx
 from rcfd_jax import checkpoint, metrics, models, rewards, rl, train
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import layers as L
-from rcfd_jax.step import TrainState, make_rollout, make_scorer, make_update
+from rcfd_jax.step import make_rollout, make_scorer, make_update
 
 REPO = Path(__file__).resolve().parents[1]
 N_MEASURE = 16
