@@ -29,23 +29,13 @@ _ITERS = flags.DEFINE_integer("iters", 5, "Timed runs of the compiled step.")
 
 def main(argv):
   del argv
-  import dataclasses
-  import tempfile
 
   import jax
 
   from benchmarks import rl_ours
   from rcfd_jax import train
 
-  assets = common.build_assets(Path("/tmp/rcfd_bench") / f"w{_WIDTH.value}l{_LAYERS.value}",
-                               width=_WIDTH.value, layers=_LAYERS.value)
-  flags.FLAGS(["x", f"--assets={assets}"])
-  wd = Path(tempfile.mkdtemp())
-  config = rl_ours.make_config(assets, wd)
-  s, state = train.build(config, wd)
-  s.sc = dataclasses.replace(s.sc, eos_id=-1)
-  steps = train.compile_steps(s)
-  batch = train.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  s, state, steps, batch = rl_ours.fused_setup(_WIDTH.value, _LAYERS.value)
   t0 = time.perf_counter()
   lowered = steps.fused.lower(state, s.frozen, batch)
   t1 = time.perf_counter()

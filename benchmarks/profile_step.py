@@ -26,8 +26,6 @@ _LAYERS = flags.DEFINE_integer("layers", 2, "Layers.")
 
 def main(argv):
   del argv
-  import dataclasses
-  import tempfile
 
   import jax
 
@@ -35,15 +33,7 @@ def main(argv):
   from rcfd_jax import sampler, train
   from rcfd_jax.step import make_rollout
 
-  assets = common.build_assets(Path("/tmp/rcfd_bench") / f"w{_WIDTH.value}l{_LAYERS.value}",
-                               width=_WIDTH.value, layers=_LAYERS.value)
-  flags.FLAGS(["x", f"--assets={assets}"])
-  wd = Path(tempfile.mkdtemp())
-  config = rl_ours.make_config(assets, wd)
-  s, state = train.build(config, wd)
-  s.sc = dataclasses.replace(s.sc, eos_id=-1)
-  steps = train.compile_steps(s)
-  batch = train.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  s, state, steps, batch = rl_ours.fused_setup(_WIDTH.value, _LAYERS.value)
   k, n = s.sc.samples_per_prompt, s.sc.max_new_tokens
 
   def sample_only(st, fr, b):

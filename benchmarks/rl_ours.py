@@ -64,6 +64,22 @@ def make_config(assets: Path, workdir: Path):
   return c
 
 
+def fused_setup(width: int, layers: int):
+  """(setup, state, steps, first batch) of the rl_step.py iteration, EOS off, for one model size.
+
+  compile_time.py and profile_step.py measure this very program.
+  """
+  from rcfd_jax import train
+  assets = common.build_assets(Path("/tmp/rcfd_bench") / f"w{width}l{layers}", width=width, layers=layers)
+  flags.FLAGS(["x", f"--assets={assets}"])
+  wd = Path(tempfile.mkdtemp())
+  s, state = train.build(make_config(assets, wd), wd)
+  s.sc = dataclasses.replace(s.sc, eos_id=-1)
+  steps = train.compile_steps(s)
+  batch = train.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  return s, state, steps, batch
+
+
 def main(argv):
   del argv
   import jax
