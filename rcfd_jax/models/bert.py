@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rcfd_jax.models import layers as L
+from rcfd_jax.models import hf, layers as L
 from rcfd_jax.models.hf import Tensor, dense, layer_norm
 
 MODEL_TYPES = ("bert", "distilbert")
@@ -32,9 +32,6 @@ PREFIXES = ("bert.", "distilbert.")
 # DistilBERT's config.json names for the fields Config keeps in BERT's names.
 _DISTIL_NAMES = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
                  "intermediate_size": "hidden_dim", "hidden_act": "activation"}
-# config.json fields rebuilt by to_hf (or meaningless here), never kept in `extra`.
-_DERIVED = ("architectures", "id2label", "label2id", "num_labels", "dtype", "torch_dtype",
-            "transformers_version")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +91,7 @@ def config_from_hf(c: dict[str, Any]) -> Config:
   used = {name(k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                             "intermediate_size", "hidden_act", "max_position_embeddings", "type_vocab_size",
                             "layer_norm_eps", "sinusoidal_pos_embds", "pad_token_id", "model_type")}
-  extra = tuple(sorted((k, v) for k, v in c.items() if k not in used and k not in _DERIVED
-                       and isinstance(v, (int, float, str, bool, type(None)))))
+  extra = hf.extra_fields(c, used)
   num_labels, labels = _labels(c)
   hidden = c[name("hidden_size")]
   return Config(

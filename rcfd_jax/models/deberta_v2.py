@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from rcfd_jax.errors import UserError
-from rcfd_jax.models import layers as L
+from rcfd_jax.models import hf, layers as L
 from rcfd_jax.models.hf import Tensor, dense, layer_norm, linear
 
 MODEL_TYPES = ("deberta-v2",)
@@ -41,8 +41,6 @@ _FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_head
            "relative_attention", "max_relative_positions", "position_buckets", "position_biased_input",
            "pos_att_type", "share_att_key", "norm_rel_ebd", "embedding_size", "pooler_hidden_size",
            "pooler_hidden_act", "pad_token_id", "model_type")
-_DERIVED = ("architectures", "id2label", "label2id", "num_labels", "dtype", "torch_dtype",
-            "transformers_version")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +117,7 @@ def config_from_hf(c: dict[str, Any]) -> Config:
     raise UserError(f"DeBERTa-v2 pos_att_type {list(pos_att)} may only hold 'c2p' and 'p2c'")
   id2label = c.get("id2label") or {}
   labels = tuple(id2label[k] for k in sorted(id2label, key=int))
-  extra = tuple(sorted((k, v) for k, v in c.items() if k not in _FIELDS and k not in _DERIVED
-                       and isinstance(v, (int, float, str, bool, type(None)))))
+  extra = hf.extra_fields(c, _FIELDS)
   fields = {k: c[k] for k in _FIELDS if k in c and k != "pos_att_type"}
   return Config(**fields, pos_att_type=pos_att, num_labels=len(labels) or c.get("num_labels") or 2,
                 labels=labels, extra=extra)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rcfd_jax.models import layers as L
+from rcfd_jax.models import hf, layers as L
 from rcfd_jax.models.causal import CausalLM
 from rcfd_jax.models.hf import Tensor
 
@@ -61,10 +61,7 @@ class Config:
 def config_from_hf(c: dict[str, Any]) -> Config:
   known = {f.name for f in dataclasses.fields(Config)}
   num_labels = c.get("num_labels") or len(c.get("id2label") or {}) or 2
-  extra = tuple(sorted((k, v) for k, v in c.items() if k not in known and k not in (
-      "architectures", "id2label", "label2id", "n_ctx", "tie_word_embeddings", "dtype", "torch_dtype",
-      "transformers_version", "num_labels")
-                       and isinstance(v, (int, float, str, bool, type(None)))))
+  extra = hf.extra_fields(c, known | {"n_ctx", "tie_word_embeddings"})
   return Config(
       vocab_size=c["vocab_size"], n_positions=c["n_positions"], n_embd=c["n_embd"], n_layer=c["n_layer"],
       n_head=c["n_head"], n_inner=c.get("n_inner") or 4 * c["n_embd"],

@@ -48,6 +48,20 @@ def linear(path, hf_name, layer: int | None = None) -> Tensor:
   return Tensor(path, hf_name, lambda x: x.T, lambda x: x.T, layer)
 
 
+# config.json fields every family's to_hf rebuilds (or that mean nothing here).
+DERIVED_FIELDS = frozenset({"architectures", "id2label", "label2id", "num_labels", "dtype", "torch_dtype",
+                            "transformers_version"})
+
+
+def extra_fields(c: dict[str, Any], handled) -> tuple:
+  """config.json's other scalar fields, as sorted (key, value) pairs that to_hf writes back unchanged.
+
+  `handled` names the fields the family's config_from_hf reads itself.
+  """
+  return tuple(sorted((k, v) for k, v in c.items() if k not in handled and k not in DERIVED_FIELDS
+                      and isinstance(v, (int, float, str, bool, type(None)))))
+
+
 def dense(path: tuple, name: str) -> list[Tensor]:
   """A torch nn.Linear with bias: NAME.weight -> PATH/kernel, NAME.bias -> PATH/bias."""
   return [linear(path + ("kernel",), name + ".weight"), Tensor(path + ("bias",), name + ".bias")]

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from rcfd_jax.errors import UserError
-from rcfd_jax.models import layers as L
+from rcfd_jax.models import hf, layers as L
 from rcfd_jax.models.causal import CausalLM
 from rcfd_jax.models.hf import Tensor, linear
 
@@ -30,7 +30,6 @@ ROPE_TYPES = ("default", "linear", "llama3")
 _ARCH = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 # Fields config_from_hf interprets itself; everything else scalar rides along in `extra`.
 _HANDLED = {
-    "architectures", "id2label", "label2id", "num_labels", "dtype", "torch_dtype", "transformers_version",
     "rope_parameters", "rope_scaling", "rope_theta", "use_sliding_window", "layer_types",
     "max_window_layers", "eos_token_id", "auto_map",
 }
@@ -139,8 +138,7 @@ def config_from_hf(c: dict[str, Any]) -> Config:
   model_type = c["model_type"]
   _sliding_window(c)
   known = {f.name for f in dataclasses.fields(Config)} | {"attention_bias", "sliding_window"}
-  extra = tuple(sorted((k, v) for k, v in c.items() if k not in known and k not in _HANDLED
-                       and isinstance(v, (int, float, str, bool, type(None)))))
+  extra = hf.extra_fields(c, known | _HANDLED)
   heads = c["num_attention_heads"]
   attention_bias = bool(c.get("attention_bias", False))
   eos = c.get("eos_token_id")
