@@ -131,7 +131,7 @@ def paper_setup(c: ml_collections.ConfigDict, policy_path: str) -> ml_collection
   return c
 
 
-def check(c: ml_collections.ConfigDict, num_devices: int) -> None:
+def check(c: ml_collections.ConfigDict) -> None:
   """Rejects inconsistent configs before anything is loaded or written."""
   def need(cond, msg):
     if not cond:
@@ -169,4 +169,3 @@ def check(c: ml_collections.ConfigDict, num_devices: int) -> None:
                     "rollout.max_new_tokens=%d; length-sensitive rewards of R(x, y_d) then exceed what the "
                     "policy can reach: set data.demo_max_tokens <= max_new_tokens + 1 (EOS)",
                     c.data.demo_max_tokens, c.rollout.max_new_tokens)
-  del num_devices

@@ -47,9 +47,8 @@ def score(ds, parts, frozen, rewards, tokenizer, config) -> np.ndarray:
   return np.concatenate(out, axis=0).astype(np.float32)
 
 
-def rewards_for(datasets, parts, frozen, rewards, tokenizer, config, policy_fp: str, mesh) -> list[np.ndarray]:
+def rewards_for(datasets, parts, frozen, rewards, tokenizer, config, policy_fp: str) -> list[np.ndarray]:
   """Demonstration rewards for each dataset, from the cache when present."""
-  del mesh
   results = []
   for ds in datasets:
     key = hashlib.sha256("|".join([
