@@ -117,7 +117,7 @@ def build(config, workdir: Path) -> tuple[Setup, TrainState]:
   sc = StepConfig.from_config(config, tokenizer.eos_token_id, tokenizer.pad_token_id)
   policy_fp = hf.dir_fingerprint(hf.resolve_dir(config.policy.path))
   demo_train, demo_val = demos.rewards_for(
-      (train_ds, val_ds), parts, frozen, rewards, tokenizer, config, policy_fp, mesh)
+      (train_ds, val_ds), parts, frozen, rewards, tokenizer, config, policy_fp)
   tx = optimizer(config.optim)
   state, state_sh = init_state(config, parts.trainable, tx, mesh)
   batcher = data.Batcher(train_ds, config.rollout.prompts_per_step, config.data, tokenizer.pad_token_id)
@@ -193,15 +193,16 @@ def device_batch(s: Setup, batcher: data.Batcher, indices: np.ndarray, demo: np.
 
 
 def host_rewards(s: Setup, ro, indices: np.ndarray) -> dict:
-  """The bridge: decode completions, score them with host-side rewards."""
-  tokens = np.asarray(gather(ro.tokens))
-  mask = np.asarray(gather(ro.mask))
+  """The bridge: decode the rollout's completions, score them with host-side rewards."""
+  return score_on_host(s, s.train, indices, np.asarray(gather(ro.tokens)), np.asarray(gather(ro.mask)))
+
+
+def score_on_host(s: Setup, ds: data.PromptDataset, indices, tokens: np.ndarray, mask: np.ndarray) -> dict:
+  """Host-side rewards of completions; rows are the prompts at `indices`, each repeated per sample."""
   completions = s.tokenizer.batch_decode(np.where(mask, tokens, s.tokenizer.pad_token_id),
                                          skip_special_tokens=True)
-  idx = np.repeat(np.asarray(indices), s.sc.samples_per_prompt)
-  prompts = [s.train.prompt_texts[i] for i in idx]
-  rows = [s.train.extras[i] for i in idx]
-  return s.rewards.on_host(prompts, completions, rows)
+  idx = np.repeat(np.asarray(indices), len(tokens) // len(indices))  # k samples per prompt, in order
+  return s.rewards.on_host([ds.prompt_texts[i] for i in idx], completions, [ds.extras[i] for i in idx])
 
 
 def gather(x):
@@ -214,7 +215,7 @@ def gather(x):
 def run(config, workdir: str) -> TrainState:
   """Trains per config, resuming from workdir's latest good checkpoint."""
   distributed.initialize(config.distributed)
-  config_lib.check(config, jax.device_count())
+  config_lib.check(config)
   check_workdir(workdir)
   s, state = build(config, Path(workdir))
   wd = prepare_workdir(workdir)
@@ -237,13 +238,14 @@ def run(config, workdir: str) -> TrainState:
     with checkpoint.preemption_guard() as guard:
       for step in range(start, config.total_steps):
         # Rollout, reward, update: one compiled call unless a reward needs the host.
-        batch = device_batch(s, s.batcher, s.batcher.indices(step), s.demo_train)
+        indices = s.batcher.indices(step)
+        batch = device_batch(s, s.batcher, indices, s.demo_train)
         if steps.fused is not None:
           state, m = steps.fused(state, s.frozen, batch)
         else:
           ro = steps.rollout(state, s.frozen, batch)
           with rewards_lib.Timer() as bridge:
-            hr = host_rewards(s, ro, s.batcher.indices(step))
+            hr = host_rewards(s, ro, indices)
           state, m = steps.update(state, s.frozen, ro, hr)
         if step == start:  # the step is compiled now, so its analysis is free
           memory.step_report("train step", steps.fused or steps.update, trainable=state.params,

@@ -30,10 +30,7 @@ def generate(s, rollout, state, ds, demo: np.ndarray, num_prompts: int) -> dict[
     parts = {k: np.asarray(train.gather(v)) for k, v in ro.rewards.items()}
     tokens, cmask = np.asarray(train.gather(ro.tokens)), np.asarray(train.gather(ro.mask))
     if s.rewards.needs_host:
-      texts = s.tokenizer.batch_decode(np.where(cmask, tokens, s.tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
-      parts.update(s.rewards.on_host([ds.prompt_texts[i] for i in idx], texts,
-                                     [ds.extras[i] for i in idx]))
+      parts.update(train.score_on_host(s, ds, idx, tokens, cmask))
     keep = min(b, n - start)
     out["rewards"].append(s.rewards.stack(parts)[:keep])
     out["tokens"].append(tokens[:keep])

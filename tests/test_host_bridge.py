@@ -24,3 +24,21 @@ def test_host_rewards_passes_prompts_completions_and_rows():
   np.testing.assert_array_equal(out["function"], [1.0, -2.0])
   assert seen["prompts"] == ["p1", "p0"] and seen["rows"] == [{"id": 1}, {"id": 0}]
   assert seen["completions"] == ["a good film", "bad bad"]
+
+
+def test_evaluation_scores_host_rewards_per_validation_prompt(tiny_assets, tmp_path):
+  """The eval rollout goes through the same bridge: one reward per validation prompt, on the decoded text."""
+  import json
+
+  from configs import tiny as tiny_config
+  c = tiny_config.get_config(str(tiny_assets))
+  c.total_steps, c.eval.every_steps, c.checkpoint.every_steps = 1, 1, 1
+  c.reward.sources, c.reward.function.name = ("function",), "sentiment_words"
+  c.reward.cache_dir = str(tmp_path / "cache")
+  c.rl.objective, c.mesh.shape, c.mesh.devices = "max", (1, 1, 1), 1
+  train.run(c, str(tmp_path / "run"))
+  result = json.loads((tmp_path / "run" / "eval" / "step_1.json").read_text())
+  assert result["num_samples"] == c.eval.num_prompts
+  texts = [x["prompt"] + x["completion"] for x in result["samples"]]
+  assert all(isinstance(t, str) for t in texts) and len(texts) == 4
+  assert result["reward_mean"] == result["reward_mean/function"]
