@@ -5,6 +5,7 @@ directory) raises UserError with one sentence that says what is wrong and
 what to do. Entry points print it as a single line and exit non-zero.
 """
 
+import os
 import sys
 
 
@@ -20,7 +21,13 @@ def exit_on_user_error(fn):
       return fn(*args, **kwargs)
     except UserError as e:
       print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      sys.stdout.flush()
+      sys.stderr.flush()
+      # The entry points close their files before raising. Leaving without the
+      # interpreter's teardown keeps the error line last: a failed async write
+      # (e.g. a full disk) leaves library tasks whose tracebacks the garbage
+      # collector would print after it.
+      os._exit(2)
 
   wrapped.__name__ = fn.__name__
   wrapped.__doc__ = fn.__doc__
