@@ -14,7 +14,8 @@ The argument is "TASK,DIR" with TASK one of
              8 tokens of any review, the demonstration is the rest.
   sentiment  reward = positive logit of the tiny classifier (DIR/rm/model,
              configs/rm_tiny.py); prompts are the first 8 tokens of positive
-             reviews, the demonstration is the rest (the paper's IMDB case).
+             reviews, the demonstration is the rest (the paper's IMDB case);
+             the policy is the SFT policy fine-tuned on positive reviews.
 Every objective (max, kl, rcfd) shares these settings: the comparison changes
 rl.objective and rl.beta only. Results and times are in docs/reproduce.md.
 """
@@ -32,7 +33,9 @@ def get_config(arg=None):
   c = base.base()
   c.seed = 0
   c.total_steps = 200                       # max over-optimizes both tasks by step ~150 at this lr
-  c.policy.path = f"{workdir}/sft/model"    # the SFT policy of configs/sft_tiny.py
+  # The SFT policy of configs/sft_tiny.py; for sentiment, fine-tuned on the positive reviews,
+  # the task's demonstrations (rcfd_jax.reproduce, stage sft_positive).
+  c.policy.path = f"{workdir}/{'sft_positive' if task == 'sentiment' else 'sft'}/model"
   c.data.path = f"{workdir}/assets/reviews.jsonl"
   c.data.format = "continuation"
   c.data.text_column = "text"

@@ -4,14 +4,20 @@
 
 builds everything from a seed, in one process, under DIR:
   DIR/assets/             corpus, tokenizer, random GPT-2s (rcfd_jax.prepare)
-  DIR/sft/model           SFT policy (configs/sft_tiny.py settings)
+  DIR/splits/             the reviews SFT and RM train on: the corpus less every review
+                          whose prompt either task holds out for validation (and its
+                          positive reviews, for the sentiment policy)
+  DIR/sft/model           SFT policy (configs/sft_tiny.py settings); the loglik task's
+  DIR/sft_positive/model  the SFT policy fine-tuned on the positive reviews, i.e. on the
+                          demonstrations of the sentiment task; that task's policy
   DIR/rm/model            sentiment classifier from the SFT trunk (configs/rm_tiny.py)
   DIR/runs/TASK/METHOD/   one trainer workdir per arm (configs/reproduce.py:TASK,DIR):
                           METHOD = sft (the SFT policy itself, evaluated), max,
                           kl_BETA (one per beta in BETAS), rcfd
   DIR/results.json        {task: {method: {reward_mean, demo_reward_mean, demo_reward_std, alignment,
                           distinct_2, sft_distinct_2, demo_distinct_2, length_mean, kl}}}
-  DIR/results.md          the same as tables, the check of the targets, sample completions
+  DIR/results.md          the same as tables, the check of the targets, how much the prompt
+                          predicts the demonstrations' reward (predictability), sample completions
   DIR/results.png         reward during training vs the demonstrations; A, length, distinct-2, KL
 Every arm differs from the others only in rl.objective and rl.beta. A
 finished stage or arm is reused, an interrupted one resumes from its
@@ -33,13 +39,16 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from rcfd_jax import evaluation, prepare, supervised, train, validate
+from rcfd_jax import data, evaluation, prepare, supervised, train, validate
 from rcfd_jax.errors import UserError, exit_on_user_error
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TASKS = ("loglik", "sentiment")
 BETAS = (0.01, 0.1)        # KL arms; 0.01 is too weak on both tasks, 0.1 too strong on loglik
 QUICK_BETAS = (0.1,)
+PREDICTABILITY_SAMPLES = 4  # SFT completions per validation prompt for reproduce.predictability
+PREDICTABILITY_KEYS = ("prompt_corr", "samples_per_prompt", "sft_within_prompt_std", "sft_between_prompt_std",
+                      "demo_std")
 TIME_BUDGET_S = 20 * 60    # the issue's target for the whole comparison on 2 CPU cores
 KEYS = ("reward_mean", "demo_reward_mean", "demo_reward_std", "alignment", "distinct_2",
         "sft_distinct_2", "demo_distinct_2", "length_mean", "kl")
@@ -68,24 +77,66 @@ def load_config(name: str, arg: str):
 # ----------------------------------------------------------------------------- stages
 
 
+STAGES = ("sft", "sft_positive", "rm")
+POSITIVE_SFT_STEPS = 150   # ~2.5 epochs of the positive training reviews, from the SFT policy
+
+
 def stage_config(stage: str, d: Path, quick: bool):
-  c = load_config("sft_tiny" if stage == "sft" else "rm_tiny", str(d / "assets"))
-  if stage == "rm":
+  c = load_config("rm_tiny" if stage == "rm" else "sft_tiny", str(d / "assets"))
+  c.data.path = str(d / "splits" / ("positive.jsonl" if stage == "sft_positive" else "train.jsonl"))
+  if stage != "sft":
     c.model.path = str(d / "sft" / "model")
+  if stage == "sft_positive":  # SFT on the sentiment task's demonstrations: a short fine-tune
+    c.total_steps, c.optim.learning_rate, c.optim.warmup_steps = POSITIVE_SFT_STEPS, 1e-3, 10
   if quick:
     c.total_steps, c.batch_size, c.seq_len, c.data.validation_size = 6, 8, 64, 16
     c.optim.warmup_steps, c.log_every_steps = 2, 3
   return c
 
 
+def write_training_reviews(d: Path, quick: bool) -> None:
+  """DIR/splits/{train,positive}.jsonl: the corpus less the reviews either task validates on.
+
+  The RL validation prompts are drawn by data.load from each task's config; a
+  review is held out when its text starts with a validation prompt followed by
+  its demonstration (the continuation format cuts the review there), so SFT
+  and RM never see the text the arms are evaluated on.
+  """
+  out = d / "splits"
+  if (out / "positive.jsonl").exists():
+    return
+  tokenizer = train.load_tokenizer(str(d / "assets" / "policy"))
+  held = set()
+  for task in TASKS:
+    val = data.load(rl_config(task, Arm("sft", ""), d, quick).data, tokenizer).validation
+    held.update(p + y for p, y in zip(val.prompt_texts, val.demo_texts))
+  lines = (d / "assets" / "reviews.jsonl").read_text(encoding="utf-8").splitlines()
+  rows = [json.loads(line) for line in lines]
+  keep = [i for i, r in enumerate(rows) if not any(r["text"].startswith(h) for h in held)]
+  if len(lines) - len(keep) < len(held):
+    raise RuntimeError(f"matched {len(lines) - len(keep)} reviews to {len(held)} validation prompts")
+  out.mkdir(parents=True, exist_ok=True)
+  positive = [i for i in keep if rows[i]["label"] == "positive"]
+  for name, idx in (("train.jsonl", keep), ("positive.jsonl", positive)):
+    tmp = out / f"{name}.tmp"
+    tmp.write_text("".join(lines[i] + "\n" for i in idx), encoding="utf-8")
+    tmp.replace(out / name)
+  logging.info("SFT and RM train on %d of %d reviews (%d positive); %d held out for validation",
+               len(keep), len(lines), len(positive), len(lines) - len(keep))
+
+
 def build_stages(d: Path, quick: bool) -> bool:
-  """Assets, SFT policy, reward model; each is skipped when its output exists. True if any ran."""
+  """Assets, training reviews, SFT policies, reward model; each is skipped when its output exists.
+
+  Returns True if any stage ran.
+  """
   if quick:
     prepare.build(d / "assets", n_reviews=400, width=32)
   else:
     prepare.build(d / "assets")
+  write_training_reviews(d, quick)
   ran = False
-  for stage in ("sft", "rm"):
+  for stage in STAGES:
     if (d / stage / "eval.json").exists() and (d / stage / "model" / "config.json").exists():
       logging.info("reusing %s", d / stage)
       continue
@@ -120,9 +171,34 @@ def evaluate_sft(config, wd: Path) -> dict:
   result = validate.run(s, steps.eval_rollout, state, wd, 0)
   n = min(config.eval.num_prompts, len(s.val))
   demos = {"demo_distinct_2": evaluation.distinct_n(s.val.demo_ids[:n], 2),
-           "demo_length_mean": float(np.mean([len(x) for x in s.val.demo_ids[:n]]))}
+           "demo_length_mean": float(np.mean([len(x) for x in s.val.demo_ids[:n]])),
+           **predictability(s, steps.eval_rollout, state, n)}
   (wd / "demos.json").write_text(json.dumps(demos, indent=2) + "\n")
   return result
+
+
+def predictability(s, rollout, state, n: int, samples: int = PREDICTABILITY_SAMPLES) -> dict:
+  """How much of the demonstration's reward R_d the prompt x predicts, seen from the SFT policy.
+
+  RCfD's expected loss on a prompt is (E[R | x] - R_d)^2 + Var(R | x). Over
+  the demonstrations a prompt like x could have, the first term is least at
+  E[R | x] = E[R_d | x], and the second rewards no spread at all: a policy
+  follows each demonstration's reward only as far as x predicts it. Measured
+  with `samples` completions per prompt: corr(mean reward of the prompt's
+  completions, R_d), and the spreads of the SFT policy's rewards within and
+  between prompts.
+  """
+  rewards = []
+  for k in range(samples):  # a new sampling key per pass: the step folds into the key
+    g = validate.generate(s, rollout, state.replace(step=state.step + k), s.val, s.demo_val, n)
+    rewards.append(g["rewards"][:, 0])
+  r, demo = np.stack(rewards, axis=1), g["demo"][:, 0]
+  mean = r.mean(axis=1)
+  return {"prompt_corr": float(np.corrcoef(mean, demo)[0, 1]),
+          "samples_per_prompt": samples,
+          "sft_within_prompt_std": float(np.sqrt(r.var(axis=1, ddof=1).mean())),
+          "sft_between_prompt_std": float(mean.std()),
+          "demo_std": float(demo.std())}
 
 
 def final_eval(config, wd: Path) -> Path:
@@ -157,7 +233,7 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict]:
     demos = json.loads((sft_dir / "demos.json").read_text())
     sft = json.loads((sft_dir / "eval" / "step_0.json").read_text())
     results[task], extras[task] = {}, {"demo_length_mean": demos["demo_length_mean"], "samples": {},
-                                       "curves": {}}
+                                       "curves": {}, "predictability": {k: demos[k] for k in PREDICTABILITY_KEYS}}
     for arm in arms(quick):
       wd = d / "runs" / task / arm.name
       path = wd / "eval" / "step_0.json" if not arm.objective else final_eval(rl_config(task, arm, d, quick), wd)
@@ -224,6 +300,17 @@ def markdown(results: dict, extras: dict, targets, timing: dict) -> str:
     lines.append("")
   lines += ["## Targets", "", "| target | met | measured |", "|---|---|---|"]
   lines += [f"| {t} | {'met' if ok else 'NOT met'} | {v} |" for t, ok, v in targets]
+  lines += ["", "## How much of the demonstrations' reward the prompt predicts", "",
+            "RCfD's expected loss on a prompt is (E[R | x] - R_d)^2 + Var(R | x): the policy can match",
+            "each demonstration's reward only as far as the prompt predicts it, and meets the rest best",
+            "with no spread in its own reward. Measured on the SFT policy, with several completions",
+            "per validation prompt:", "",
+            "| task | corr(mean reward of the prompt's completions, R_d) | SFT reward std within prompts |"
+            " SFT std of per-prompt means | demo reward std |", "|---|---|---|---|---|"]
+  for task in results:
+    q = extras[task]["predictability"]
+    lines.append(f"| {task} | {q['prompt_corr']:+.3f} ({q['samples_per_prompt']} completions per prompt) | "
+                 f"{q['sft_within_prompt_std']:.3f} | {q['sft_between_prompt_std']:.3f} | {q['demo_std']:.3f} |")
   lines += ["", "## Time", ""]
   lines += [f"- {k}: {v / 60:.1f} min" for k, v in timing.items() if k != "load"]
   lines += [f"- CPU load average (1 min) when the runs started / the reports were written: {timing['load']}",

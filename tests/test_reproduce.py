@@ -23,6 +23,27 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
     assert by_method["sft"]["distinct_2"] == by_method["max"]["sft_distinct_2"]
   md = (d / "results.md").read_text()
   assert "| rcfd |" in md and "## Targets" in md and "## Samples" in md
+  assert "## How much of the demonstrations' reward the prompt predicts" in md
+  for task in reproduce.TASKS:
+    q = json.loads((d / "runs" / task / "sft" / "demos.json").read_text())
+    assert -1 <= q["prompt_corr"] <= 1 and q["samples_per_prompt"] == reproduce.PREDICTABILITY_SAMPLES
+    assert q["sft_within_prompt_std"] > 0 and q["demo_std"] > 0, q
+
+  # SFT and RM never train on a review whose prompt an arm is evaluated on.
+  corpus = [json.loads(line) for line in (d / "assets" / "reviews.jsonl").read_text().splitlines()]
+  train = [json.loads(line) for line in (d / "splits" / "train.jsonl").read_text().splitlines()]
+  positive = [json.loads(line) for line in (d / "splits" / "positive.jsonl").read_text().splitlines()]
+  assert positive == [r for r in train if r["label"] == "positive"]
+  tokenizer = reproduce.train.load_tokenizer(str(d / "assets" / "policy"))
+  train_texts = [r["text"] for r in train]
+  held = 0
+  for task in reproduce.TASKS:
+    val = reproduce.data.load(reproduce.rl_config(task, reproduce.Arm("sft", ""), d, True).data,
+                              tokenizer).validation
+    for prompt, demo in zip(val.prompt_texts, val.demo_texts):
+      assert not any(t.startswith(prompt + demo) for t in train_texts), (task, prompt)
+    held += len(val)
+  assert len(corpus) - held <= len(train) < len(corpus)
   assert (d / "results.png").stat().st_size > 10_000
 
   # A rerun trains nothing: every stage and arm is reused, the reports are rewritten.
