@@ -27,6 +27,16 @@ def _param(rngs: nnx.Rngs, init, shape, dtype, names: Names) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
 
 
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., in] @ w [in, out], as one 2-D matmul over the flattened leading axes.
+
+  The same product, but XLA's CPU backward of a dot with several leading
+  axes (the weight gradient contracts over all of them) measured ~1.7x
+  slower than of the 2-D one; on accelerators the reshapes are free.
+  """
+  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 class Dense(nnx.Module):
   """y = x @ kernel (+ bias) (+ LoRA); kernel is [in, out]."""
 
@@ -45,13 +55,13 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    y = x @ self.kernel[...].astype(self.dtype)
+    y = matmul(x, self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_a is not None:
       a = self.lora_a[...].astype(self.dtype)
       b = self.lora_b[...].astype(self.dtype)
-      y = y + ((x @ a) @ b) * self.lora_scale
+      y = y + matmul(matmul(x, a), b) * self.lora_scale
     return y
 
 
@@ -68,7 +78,7 @@ class Embed(nnx.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """x @ embedding.T, the tied output head."""
-    return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
+    return matmul(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
 class LayerNorm(nnx.Module):
