@@ -26,6 +26,8 @@ def base() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"         # parameters and activations: float32 | bfloat16 (logits stay fp32)
+  c.model.remat = False             # recompute decoder-layer activations in the backward pass: the update
+                                    # keeps one layer's activations instead of all, for one more forward
   c.model.lora = ml_collections.ConfigDict()
   c.model.lora.rank = 0             # 0 = full fine-tuning; >0 = LoRA adapters, pi_0 = adapters off
   c.model.lora.alpha = 64.0         # LoRA scale is alpha / rank

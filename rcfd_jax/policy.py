@@ -85,6 +85,7 @@ def build(lm: nnx.Module, config, *, value_head: bool, mesh) -> tuple[PolicyPart
   full fine-tuning needs for its reference policy (None under LoRA).
   """
   rngs = nnx.Rngs(config.seed)
+  lm.remat = bool(config.model.remat)
   uses_lora = config.model.lora.rank > 0
   if uses_lora:
     lora.apply(lm, rank=config.model.lora.rank, alpha=config.model.lora.alpha,

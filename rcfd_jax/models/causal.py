@@ -16,6 +16,7 @@ from rcfd_jax.models import layers as L
 
 
 class CausalLM(nnx.Module):
+  remat = False  # jax.checkpoint on the decoder-layer scan (config.model.remat; layers.scan_layers)
 
   def __call__(self, input_ids, attention_mask=None, *, positions=None, return_hidden=False):
     """[B, T, V] float32 logits (or (logits, hidden)); [B, labels] for task seq_cls."""

@@ -131,7 +131,7 @@ class GPT2(CausalLM):
       x, kv = carry
       return block(x, mask, scale, i, kv, index)
 
-    x, cache = L.scan_layers(self.h, layer, (x, cache), jnp.asarray(attn_scales(self.config)))
+    x, cache = L.scan_layers(self.h, layer, (x, cache), jnp.asarray(attn_scales(self.config)), remat=self.remat)
     return self.ln_f(x), cache
 
   def head(self, hidden: jax.Array) -> jax.Array:

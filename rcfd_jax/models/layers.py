@@ -215,12 +215,16 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> n
 
 
 def scan_layers(blocks: nnx.Module, fn: Callable[[nnx.Module, Any, jax.Array, Any], Any], carry: Any,
-                xs: Any = None) -> Any:
+                xs: Any = None, *, remat: bool = False) -> Any:
   """carry = fn(block_i, carry, i, xs[i]) for every layer i of a `stacked` module, as one lax.scan.
 
   The block graph is split once and merged with each layer's slice of the
   parameters inside the scan body; gradients flow to the stacked parameters.
   `i` is the traced layer index (for per-layer scales and cache writes).
+  remat: wrap the body in jax.checkpoint, so a backward pass keeps only each
+  layer's input carry and recomputes the layer's activations from it (one
+  more forward of the layers, a layer's activations live at a time instead
+  of all of them). Without differentiation it changes nothing.
   """
   graphdef, state = nnx.split(blocks)
   n = jax.tree.leaves(state)[0].shape[0]
@@ -229,6 +233,8 @@ def scan_layers(blocks: nnx.Module, fn: Callable[[nnx.Module, Any, jax.Array, An
     params, i, x_i = layer
     return fn(nnx.merge(graphdef, params), c, i, x_i), None
 
+  if remat:  # prevent_cse=False: inside scan the recomputation cannot be merged away
+    step = jax.checkpoint(step, prevent_cse=False)
   carry, _ = jax.lax.scan(step, carry, (state, jnp.arange(n, dtype=jnp.int32), xs))
   return carry
 

@@ -245,7 +245,7 @@ class Llama(CausalLM):
       x, kv = carry
       return block(x, positions, inv_freq, mask, i, kv, index)
 
-    x, cache = L.scan_layers(self.layers, layer, (x, cache))
+    x, cache = L.scan_layers(self.layers, layer, (x, cache), remat=self.remat)
     return self.norm(x), cache
 
   def head(self, hidden: jax.Array) -> jax.Array:
