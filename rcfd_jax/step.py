@@ -95,6 +95,11 @@ class StepConfig:
   gamma: float
   lam: float
   loss_agg: str
+  # Steps whose metrics reach the host (trainer: every log_every_steps-th and the last). When
+  # nothing else reads the reference log-probs, the rollout computes them on those steps only,
+  # for the kl metric; 1 (the default) computes them every step.
+  metrics_every: int = 1
+  total_steps: int = 0
 
   @classmethod
   def from_config(cls, c, eos_id: int, pad_id: int) -> "StepConfig":
@@ -106,7 +111,8 @@ class StepConfig:
         kl_target=c.rl.kl_target, kl_horizon=c.rl.kl_horizon, alpha=tuple(c.rl.alpha),
         ppo_epochs=c.rl.ppo.epochs, minibatches=c.rl.ppo.minibatches, grad_accum=c.optim.grad_accum,
         clip_eps=c.rl.clip_eps, value_clip=c.rl.ppo.value_clip, vf_coef=c.rl.ppo.vf_coef,
-        gamma=c.rl.ppo.gamma, lam=c.rl.ppo.lam, loss_agg=c.rl.loss_agg)
+        gamma=c.rl.ppo.gamma, lam=c.rl.ppo.lam, loss_agg=c.rl.loss_agg,
+        metrics_every=c.log_every_steps, total_steps=c.total_steps)
 
 
 def _key(state: TrainState, salt: int) -> jax.Array:
@@ -127,17 +133,43 @@ def make_scorer(parts: PolicyParts, rewards: Rewards) -> Callable:
 
   def score(params, frozen: Frozen, prompt_ids, prompt_mask, tokens, mask):
     seq, seq_mask = _sequences(prompt_ids, prompt_mask, tokens, mask)
-    ref = parts.reference(params, frozen.base, frozen.ref)
-    ref_logits, _ = ref.completion_outputs(seq, seq_mask, prompt_ids.shape[1])
-    ref_logp = rl.token_logprobs(ref_logits, tokens)
+    ref_logp = _reference_logprobs(parts, params, frozen, seq, seq_mask, tokens)
     return ref_logp, rewards.in_graph(frozen.rm, seq, seq_mask, mask, ref_logp)
 
   return score
 
 
+def _reference_logprobs(parts: PolicyParts, params, frozen: Frozen, seq, seq_mask, tokens):
+  """[R, N] log-probs of the completion tokens under pi_0."""
+  ref = parts.reference(params, frozen.base, frozen.ref)
+  ref_logits, _ = ref.completion_outputs(seq, seq_mask, seq.shape[1] - tokens.shape[1])
+  return rl.token_logprobs(ref_logits, tokens)
+
+
+def reads_reference(sc: StepConfig, rewards: Rewards) -> bool:
+  """Whether the update itself reads pi_0's log-probs (beyond the kl metric)."""
+  return sc.objective == "kl" or sc.adaptive_kl or any(s.kind == "loglik" for s in rewards.sources)
+
+
 def make_rollout(parts: PolicyParts, rewards: Rewards, sc: StepConfig) -> Callable:
-  """rollout(state, frozen, batch) -> Rollout."""
+  """rollout(state, frozen, batch) -> Rollout.
+
+  The reference forward (about a fifth of a step's FLOPs) runs on every step
+  only when the update reads it (reads_reference); otherwise only on the steps
+  whose metrics reach the host (sc.metrics_every), and ref_logp is NaN on the
+  others, whose kl metric nobody sees.
+  """
   score = make_scorer(parts, rewards)
+  every_step = reads_reference(sc, rewards) or sc.metrics_every <= 1
+
+  def score_when_logged(state, frozen, ids, pmask, tokens, mask):
+    seq, seq_mask = _sequences(ids, pmask, tokens, mask)
+    done = state.step + 1
+    logged = (done % sc.metrics_every == 0) | (done == sc.total_steps)
+    ref_logp = jax.lax.cond(
+        logged, lambda: _reference_logprobs(parts, state.params, frozen, seq, seq_mask, tokens),
+        lambda: jnp.full(tokens.shape, jnp.nan, jnp.float32))
+    return ref_logp, rewards.in_graph(frozen.rm, seq, seq_mask, mask, ref_logp)
 
   def rollout(state: TrainState, frozen: Frozen, batch: Batch) -> Rollout:
     k = sc.samples_per_prompt
@@ -148,7 +180,10 @@ def make_rollout(parts: PolicyParts, rewards: Rewards, sc: StepConfig) -> Callab
                          temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
                          eos_id=sc.eos_id, pad_id=sc.pad_id)
     tokens, mask = out.tokens_bn, out.mask_bn
-    ref_logp, graph_rewards = score(state.params, frozen, ids, pmask, tokens, mask)
+    if every_step:
+      ref_logp, graph_rewards = score(state.params, frozen, ids, pmask, tokens, mask)
+    else:
+      ref_logp, graph_rewards = score_when_logged(state, frozen, ids, pmask, tokens, mask)
     if sc.baseline == "gae":
       seq, seq_mask = _sequences(ids, pmask, tokens, mask)
       logits, values = policy.completion_outputs(seq, seq_mask, ids.shape[1])

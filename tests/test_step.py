@@ -320,3 +320,24 @@ def test_bfloat16_lora_with_accumulation_trains(tiny_assets, cache):
                        after.params, before)
   assert max(jax.tree.leaves(moved)) > 0
   assert {x.dtype for x in jax.tree.leaves(after.params)} == {x.dtype for x in jax.tree.leaves(before)}
+
+
+def test_reference_forward_runs_only_on_logged_steps_unless_the_update_reads_it(reinforce):
+  """Reward `length` and objective max: pi_0's log-probs feed only the kl metric."""
+  s, state = reinforce
+  batch = train.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  sc = dataclasses.replace(s.sc, objective="max", metrics_every=3, total_steps=5)
+  logged_only = jax.jit(make_rollout(s.parts, s.rewards, sc))
+  every_step = jax.jit(make_rollout(s.parts, s.rewards, dataclasses.replace(sc, metrics_every=1)))
+  kl_objective = jax.jit(make_rollout(s.parts, s.rewards, dataclasses.replace(sc, objective="kl")))
+  for step, logged in ((0, False), (2, True), (3, False), (4, True)):  # steps 3 and 5 (the last) log
+    st = state.replace(step=jnp.asarray(step, jnp.int32))
+    ro, ref = logged_only(st, s.frozen, batch), every_step(st, s.frozen, batch)
+    np.testing.assert_array_equal(np.asarray(ro.tokens), np.asarray(ref.tokens))
+    assert np.isfinite(np.asarray(ref.ref_logp)).all()
+    if logged:
+      np.testing.assert_array_equal(np.asarray(ro.ref_logp), np.asarray(ref.ref_logp))
+    else:
+      assert np.isnan(np.asarray(ro.ref_logp)).all(), step
+    np.testing.assert_array_equal(np.asarray(kl_objective(st, s.frozen, batch).ref_logp),
+                                  np.asarray(ref.ref_logp))
