@@ -21,7 +21,8 @@ on q/k/v/o in float32 (the reference policy is the same weights with adapters
 off, so no second copy), Adam on the adapters, and a DistilBERT or DeBERTa-v3-large
 reward model (bf16) on its own tokenizer. The train-step temporaries come
 from compiling the real update step (rcfd_jax.step.make_update) for the
-configured rollout batch.
+configured rollout batch, without and with config.model.remat (jax.checkpoint
+on the decoder-layer scan).
 
 Output: a markdown table, then, last, one line per comparison:
     NAME: ours=X peer=Y ratio=Z (unit)
@@ -167,6 +168,8 @@ def paper_table(step_devices: tuple[int, ...]) -> tuple[list[str], dict]:
   lm = abstract_model(LLAMA2_7B, "causal_lm", jnp.bfloat16, lora_rank=32)
   policy = policy_lib.Policy(lm, LLAMA2_7B["hidden_size"], value_head=False, rngs=nnx.Rngs(0))
   graphdef, trainable, base = nnx.split(policy, policy_lib.trainable_filter(True), ...)
+  lm.remat = True  # config.model.remat: the same step with jax.checkpoint on the layer scan
+  graphdef_remat = nnx.split(policy, policy_lib.trainable_filter(True), ...)[0]
   # Adapters (and so Adam) in float32 over the bfloat16 base, as PEFT keeps them;
   # layers.Dense casts them to the compute dtype.
   trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable)
@@ -174,23 +177,25 @@ def paper_table(step_devices: tuple[int, ...]) -> tuple[list[str], dict]:
          "DeBERTa-v3-large": nnx.split(abstract_model(DEBERTA_V3_LARGE, "seq_cls", jnp.bfloat16))[1]}
   tx = optax.adamw(5e-5)
   header = ("| devices | policy base (bf16, frozen; also pi_0) | LoRA r=32 (fp32) | Adam | DistilBERT RM | "
-            "DeBERTa-v3-large RM | update-step temporaries | update-step peak |")
-  lines = [header, "|" + "---|" * 8]
+            "DeBERTa-v3-large RM | update-step temporaries | update-step peak | temporaries, model.remat | "
+            "peak, model.remat |")
+  lines = [header, "|" + "---|" * 10]
   figures = {}
   for n in DEVICE_COUNTS:
     mesh = mesh_of(n)
     t, b = placed(trainable, mesh), placed(base, mesh)
     lora_bytes, adam_bytes, _ = adam_stats(t, mesh, tx)
     rm_bytes = {k: memory.tree_bytes(placed(v, mesh)) for k, v in rms.items()}
-    temps = peak = "not compiled"
+    cells = ["not compiled"] * 4
     if n in step_devices:
-      parts = policy_lib.PolicyParts(graphdef, t, b, True)
-      stats = update_step_stats(parts, b, tx, mesh)
-      temps, peak = memory.fmt(stats.temporaries), memory.fmt(stats.peak_estimate)
-      figures[n] = stats
+      stats = update_step_stats(policy_lib.PolicyParts(graphdef, t, b, True), b, tx, mesh)
+      remat = update_step_stats(policy_lib.PolicyParts(graphdef_remat, t, b, True), b, tx, mesh)
+      cells = [memory.fmt(x) for x in (stats.temporaries, stats.peak_estimate, remat.temporaries,
+                                         remat.peak_estimate)]
+      figures[n], figures[("remat", n)] = stats, remat
     lines.append(f"| {n} | {memory.fmt(memory.tree_bytes(b))} | {memory.fmt(lora_bytes)} | "
                  f"{memory.fmt(adam_bytes)} | {memory.fmt(rm_bytes['DistilBERT'])} | "
-                 f"{memory.fmt(rm_bytes['DeBERTa-v3-large'])} | {temps} | {peak} |")
+                 f"{memory.fmt(rm_bytes['DeBERTa-v3-large'])} | {' | '.join(cells)} |")
     print(f"  {n} device(s) measured", flush=True)
   return lines, figures
 
@@ -208,6 +213,10 @@ def main(argv):
     ours, peer = figures[8].peak_estimate / memory.GiB, figures[1].peak_estimate / memory.GiB
     lines.append(f"lora7b_update_step_peak_per_device_8dev: ours={ours:.3f} peer={peer:.3f} "
                  f"ratio={ours / peer:.4f} (GiB per device; peer = 1 device)")
+    for n in (1, 8):
+      ours, peer = figures[("remat", n)].peak_estimate / memory.GiB, figures[n].peak_estimate / memory.GiB
+      lines.append(f"lora7b_update_step_peak_per_device_{n}dev_remat: ours={ours:.3f} peer={peer:.3f} "
+                   f"ratio={ours / peer:.4f} (GiB per device; ours = model.remat, peer = without)")
   print()
   print("\n".join(lines))
 
