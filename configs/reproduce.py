@@ -66,6 +66,6 @@ def get_config(arg=None):
   c.log_every_steps = 10
   c.checkpoint.every_steps = 100
   c.checkpoint.keep = 1
-  c.eval.every_steps = c.total_steps        # evaluate once, at the end
+  c.eval.every_steps = 50                   # 4 evaluations: the last, and the paper's best-checkpoint pick
   c.eval.num_prompts = 512                  # all: A of two same-distribution samples is ~0.13 at 256, ~0.05 at 512
   return c

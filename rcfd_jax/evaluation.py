@@ -118,9 +118,10 @@ def summarize(rewards: Mapping[str, Any], demo_rewards: Mapping[str, Any],
   Args:
     rewards: reward source name -> [N] rewards of the policy's completions.
       The first source is the primary one: its values are also reported
-      under the plain keys reward_mean, demo_reward_mean, demo_reward_std and
-      alignment (the paper's headline numbers).
-    demo_rewards: the same names -> [N] rewards of the demonstrations.
+      under the plain keys reward_mean, demo_reward_mean, demo_reward_std,
+      alignment (the paper's headline numbers) and rcfd_reward_mean.
+    demo_rewards: the same names -> [N] rewards of the demonstrations of
+      the same prompts, in the same order.
     completions: N generated token sequences (padding removed).
     seq_kl: [N] per-sequence KL(pi || pi_0) estimates.
     bins: histogram bins for Alignment A.
@@ -137,11 +138,17 @@ def summarize(rewards: Mapping[str, Any], demo_rewards: Mapping[str, Any],
   for i, name in enumerate(rewards):
     policy = _as_1d(f"rewards[{name!r}]", rewards[name])
     demo = _as_1d(f"demo_rewards[{name!r}]", demo_rewards[name])
+    if policy.shape != demo.shape:
+      raise ValueError(f"rewards[{name!r}] has {policy.size} values and demo_rewards[{name!r}] "
+                       f"{demo.size}: pass one demonstration reward per completion, in prompt order")
     source = {
         "reward_mean": float(policy.mean()),
         "demo_reward_mean": float(demo.mean()),
         "demo_reward_std": float(demo.std()),
         "alignment": alignment(demo, policy, bins=bins),
+        # RCfD's own reward, -(R(x, y) - R(x, y_d))^2, averaged: the value the paper's
+        # checkpoint selection maximizes for an RCfD run.
+        "rcfd_reward_mean": float(-np.mean((policy - demo) ** 2)),
     }
     if i == 0:
       result.update(source)

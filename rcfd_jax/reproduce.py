@@ -16,6 +16,8 @@ builds everything from a seed, in one process, under DIR:
                           kl_BETA (one per beta in BETAS), rcfd
   DIR/results.json        {task: {method: {reward_mean, demo_reward_mean, demo_reward_std, alignment,
                           distinct_2, sft_distinct_2, demo_distinct_2, length_mean, kl}}}
+  DIR/results_best.json   the same at each arm's checkpoint of highest mean validation value of
+                          its own training reward (the paper's selection), plus its step
   DIR/results.md          the same as tables, the check of the targets, how much the prompt
                           predicts the demonstrations' reward (predictability), sample completions
   DIR/results.png         reward during training vs the demonstrations; A, length, distinct-2, KL
@@ -225,26 +227,46 @@ def run_arm(task: str, arm: Arm, d: Path, quick: bool) -> float:
 # ----------------------------------------------------------------------------- results
 
 
-def collect(d: Path, quick: bool) -> tuple[dict, dict]:
-  """(results.json content, extras: samples, demo lengths, training curves) from the arms' files."""
-  results, extras = {}, {}
+def objective_value(ev: dict, arm: Arm) -> float:
+  """Mean validation value of the reward the arm trains on: what the paper's selection maximizes."""
+  if arm.objective == "rcfd":
+    return ev["rcfd_reward_mean"]
+  if arm.objective == "kl":
+    return ev["reward_mean"] - arm.beta * ev["kl"]
+  return ev["reward_mean"]
+
+
+def arm_evals(wd: Path) -> list[dict]:
+  """Every evaluation of one arm, by step."""
+  evs = [json.loads(p.read_text()) for p in (wd / "eval").glob("step_*.json")]
+  return sorted(evs, key=lambda ev: ev["step"])
+
+
+def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
+  """(results.json: after the last step, results_best.json: the paper's selected checkpoint, extras).
+
+  extras holds the samples, demo lengths, training curves and predictability figures.
+  """
+  results, best, extras = {}, {}, {}
   for task in TASKS:
     sft_dir = d / "runs" / task / "sft"
     demos = json.loads((sft_dir / "demos.json").read_text())
     sft = json.loads((sft_dir / "eval" / "step_0.json").read_text())
-    results[task], extras[task] = {}, {"demo_length_mean": demos["demo_length_mean"], "samples": {},
-                                       "curves": {}, "predictability": {k: demos[k] for k in PREDICTABILITY_KEYS}}
+    results[task], best[task] = {}, {}
+    extras[task] = {"demo_length_mean": demos["demo_length_mean"], "samples": {}, "curves": {},
+                    "predictability": {k: demos[k] for k in PREDICTABILITY_KEYS}}
     for arm in arms(quick):
       wd = d / "runs" / task / arm.name
       path = wd / "eval" / "step_0.json" if not arm.objective else final_eval(rl_config(task, arm, d, quick), wd)
-      ev = json.loads(path.read_text())
-      row = {k: ev[k] for k in KEYS if k in ev}
-      row.update(sft_distinct_2=sft["distinct_2"], demo_distinct_2=demos["demo_distinct_2"])
-      results[task][arm.name] = {k: row[k] for k in KEYS}
-      extras[task]["samples"][arm.name] = ev.get("samples", [])
+      last = json.loads(path.read_text())
+      chosen = max(arm_evals(wd), key=lambda ev, arm=arm: objective_value(ev, arm)) if arm.objective else last
+      extra = {"sft_distinct_2": sft["distinct_2"], "demo_distinct_2": demos["demo_distinct_2"]}
+      results[task][arm.name] = {k: {**last, **extra}[k] for k in KEYS}
+      best[task][arm.name] = {**{k: {**chosen, **extra}[k] for k in KEYS}, "step": chosen["step"]}
+      extras[task]["samples"][arm.name] = last.get("samples", [])
       if arm.objective:
         extras[task]["curves"][arm.name] = _curve(wd / "metrics.jsonl")
-  return results, extras
+  return results, best, extras
 
 
 def _curve(path: Path) -> tuple[list[int], list[float]]:
@@ -282,25 +304,43 @@ def check_targets(results: dict, seconds: float | None) -> list[tuple[str, bool,
   return rows
 
 
-def markdown(results: dict, extras: dict, targets, timing: dict) -> str:
+def _table(task: str, r: dict, demo_length: float, with_step: bool) -> list[str]:
+  demo = next(iter(r.values()))
+  step_head, step_rule = (" step |", "---|") if with_step else ("", "")
+  lines = [f"| {task} |{step_head} reward | (reward - demo) / demo std | A | distinct-2 | length | KL |",
+           f"|---|{step_rule}---|---|---|---|---|---|",
+           f"| demonstrations |{' - |' if with_step else ''} {demo['demo_reward_mean']:.3f} ± "
+           f"{demo['demo_reward_std']:.3f} | 0 | - | {demo['demo_distinct_2']:.3f} | {demo_length:.1f} | - |"]
+  for name, m in r.items():
+    gap = (m["reward_mean"] - m["demo_reward_mean"]) / m["demo_reward_std"]
+    step = f" {m['step']} |" if with_step else ""
+    lines.append(f"| {name} |{step} {m['reward_mean']:.3f} | {gap:+.2f} | {m['alignment']:.3f} | "
+                 f"{m['distinct_2']:.3f} | {m['length_mean']:.1f} | {m['kl']:.2f} |")
+  return lines + [""]
+
+
+def _targets(targets) -> list[str]:
+  return (["| target | met | measured |", "|---|---|---|"]
+          + [f"| {t} | {'met' if ok else 'NOT met'} | {v} |" for t, ok, v in targets] + [""])
+
+
+def markdown(results: dict, best: dict, extras: dict, targets, best_targets, timing: dict) -> str:
   lines = ["# RCfD reproduction on one CPU", "",
            "Produced by `python -m rcfd_jax.reproduce`. Rewards, A, distinct-2, length and KL(pi || pi_SFT)",
            "are measured on the validation prompts, one sample each at temperature 1, after the last step.",
            "A = KL(demo reward histogram || policy reward histogram), 0 is perfect.", ""]
   for task, r in results.items():
-    demo = next(iter(r.values()))
-    lines += [f"## {task}", "", "| method | reward | (reward - demo) / demo std | A | distinct-2 | length | KL |",
-              "|---|---|---|---|---|---|---|",
-              f"| demonstrations | {demo['demo_reward_mean']:.3f} ± {demo['demo_reward_std']:.3f} | 0 | - | "
-              f"{demo['demo_distinct_2']:.3f} | {extras[task]['demo_length_mean']:.1f} | - |"]
-    for name, m in r.items():
-      gap = (m["reward_mean"] - m["demo_reward_mean"]) / m["demo_reward_std"]
-      lines.append(f"| {name} | {m['reward_mean']:.3f} | {gap:+.2f} | {m['alignment']:.3f} | "
-                   f"{m['distinct_2']:.3f} | {m['length_mean']:.1f} | {m['kl']:.2f} |")
-    lines.append("")
-  lines += ["## Targets", "", "| target | met | measured |", "|---|---|---|"]
-  lines += [f"| {t} | {'met' if ok else 'NOT met'} | {v} |" for t, ok, v in targets]
-  lines += ["", "## How much of the demonstrations' reward the prompt predicts", "",
+    lines += [f"## {task}", "", *_table(task, r, extras[task]["demo_length_mean"], with_step=False)]
+  lines += ["## Targets", "", *_targets(targets)]
+  lines += ["## The paper's checkpoint selection", "",
+            "The paper keeps, of each run, the checkpoint with the highest mean validation reward. Here each",
+            "arm is evaluated every `eval.every_steps` and the evaluation with the highest mean value of the",
+            "arm's own training reward is kept: R for max, R - beta * KL for kl, -(R - R_d)^2 for rcfd",
+            "(results_best.json). The validation prompts choose the checkpoint and score it, as in the paper.", ""]
+  for task, r in best.items():
+    lines += _table(task, r, extras[task]["demo_length_mean"], with_step=True)
+  lines += _targets(best_targets)
+  lines += ["## How much of the demonstrations' reward the prompt predicts", "",
             "RCfD's expected loss on a prompt is (E[R | x] - R_d)^2 + Var(R | x): the policy can match",
             "each demonstration's reward only as far as the prompt predicts it, and meets the rest best",
             "with no spread in its own reward. Measured on the SFT policy, with several completions",
@@ -384,13 +424,17 @@ def reproduce(workdir: str, quick: bool = False) -> dict:
   if ran or "load" not in timing:  # the load while this invocation trained something
     timing["load"] = f"{load_at_start:.1f} / {os.getloadavg()[0]:.1f}"
   timing_file.write_text(json.dumps(timing, indent=2) + "\n")
-  results, extras = collect(d, quick)
+  results, best, extras = collect(d, quick)
   targets = check_targets(results, None if quick else timing["total"])
+  best_targets = check_targets(best, None)
   (d / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  (d / "results_best.json").write_text(json.dumps(best, indent=2) + "\n")
   plot(results, extras, d / "results.png")
-  (d / "results.md").write_text(markdown(results, extras, targets, timing))
+  (d / "results.md").write_text(markdown(results, best, extras, targets, best_targets, timing))
   for t, ok, v in targets:
     logging.info("target %s: %s (%s)", t, "met" if ok else "NOT met", v)
+  for t, ok, v in best_targets:
+    logging.info("target at the selected checkpoint, %s: %s (%s)", t, "met" if ok else "NOT met", v)
   return results
 
 

@@ -1,7 +1,8 @@
 """Evaluation on validation prompts: sample, score, compare with the demonstrations.
 
 Writes DIR/eval/step_N.json (reward per source, the demonstrations' mean,
-Alignment A, distinct-1/2, length, KL to pi_0, a few samples) and PNG plots
+Alignment A, RCfD's reward -(R - R_d)^2, distinct-1/2, length, KL to pi_0, a
+few samples) and PNG plots
 (reward histogram of policy vs demonstrations; log-likelihood by position).
 The rollout used here is the training rollout compiled once more with one
 sample per prompt and the evaluation temperature (train.compile_steps).

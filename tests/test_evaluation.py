@@ -91,10 +91,13 @@ def test_summarize_keys_and_values():
   assert result["demo_reward_mean"] == 2.0 and result["demo_reward_std"] == 0.0
   assert result["alignment"] == result["alignment/rm"] > 0
   assert result["alignment/length"] == pytest.approx(0.0, abs=1e-12)
+  assert result["rcfd_reward_mean"] == pytest.approx(-2 / 3) and result["rcfd_reward_mean/length"] == 0.0
   assert result["distinct_1"] == 4 / 6 and result["distinct_2"] == 2 / 3
   assert result["length_mean"] == 2.0 and result["kl"] == pytest.approx(0.2)
   with pytest.raises(ValueError, match="demonstration rewards"):
     evaluation.summarize({"x": [1.0]}, {}, [[1]], [0.0])
+  with pytest.raises(ValueError, match="one demonstration reward per completion"):
+    evaluation.summarize({"x": [1.0, 2.0]}, {"x": [1.0]}, [[1], [2]], [0.0, 0.0])
 
 
 def test_write_eval_writes_json_and_plots(tmp_path):

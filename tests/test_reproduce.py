@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from rcfd_jax import reproduce
 
 
@@ -21,8 +23,23 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
       assert all(isinstance(v, float) for v in row.values()), (task, method, row)
       assert (d / "runs" / task / method / "config.json").exists()
     assert by_method["sft"]["distinct_2"] == by_method["max"]["sft_distinct_2"]
+  # The paper's selection: each arm's evaluation of highest mean validation training reward.
+  best = json.loads((d / "results_best.json").read_text())
+  for task, by_method in best.items():
+    assert list(by_method) == methods, task
+    assert by_method["sft"]["step"] == 0
+    for arm in reproduce.arms(quick=True)[1:]:
+      evals = reproduce.arm_evals(d / "runs" / task / arm.name)
+      assert [ev["step"] for ev in evals] == [2, 4]
+      values = [reproduce.objective_value(ev, arm) for ev in evals]
+      chosen = evals[int(np.argmax(values))]
+      row = by_method[arm.name]
+      assert row["step"] == chosen["step"] and row["alignment"] == chosen["alignment"], (task, arm)
+    rcfd_last = json.loads((d / "runs" / task / "rcfd" / "eval" / "step_4.json").read_text())
+    assert reproduce.objective_value(rcfd_last, reproduce.Arm("rcfd", "rcfd")) == rcfd_last["rcfd_reward_mean"] < 0
   md = (d / "results.md").read_text()
   assert "| rcfd |" in md and "## Targets" in md and "## Samples" in md
+  assert "## The paper's checkpoint selection" in md
   assert "## How much of the demonstrations' reward the prompt predicts" in md
   for task in reproduce.TASKS:
     q = json.loads((d / "runs" / task / "sft" / "demos.json").read_text())
@@ -51,6 +68,13 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
   (d / "results.json").unlink()
   assert reproduce.reproduce(str(d), quick=True) == results
   assert {p: p.stat().st_mtime for p in (d / "runs").rglob("step_*.json")} == mtimes
+
+
+def test_checkpoint_selection_maximizes_each_arms_own_training_reward():
+  ev = {"reward_mean": 1.0, "kl": 4.0, "rcfd_reward_mean": -0.5}
+  assert reproduce.objective_value(ev, reproduce.Arm("max", "max")) == 1.0
+  assert reproduce.objective_value(ev, reproduce.Arm("kl_0.1", "kl", 0.1)) == 1.0 - 0.1 * 4.0
+  assert reproduce.objective_value(ev, reproduce.Arm("rcfd", "rcfd")) == -0.5
 
 
 def test_full_and_quick_runs_never_share_a_workdir(tmp_path):
