@@ -110,7 +110,7 @@ def test_sharded_checkpoint_loads(torch_llama, tmp_path):
   state = {k: v.numpy() for k, v in torch_llama.state_dict().items()}
   for t in llama.tensors(model.config, model.task):
     ours = models._at(model, t.path)[...]
-    ours = ours if t.layer is None else ours[t.layer]  # decoder layers are stacked [L, ...]
+    ours = ours if t.layer is None else ours[t.layer]  # transformer layers are stacked [L, ...]
     np.testing.assert_array_equal(np.asarray(ours), t.to_ours(state[t.hf_name]), err_msg=t.hf_name)
 
 

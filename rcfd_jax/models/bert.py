@@ -151,7 +151,8 @@ class EncoderClassifier(nnx.Module):
     self.token_type = (L.Embed(cfg.type_vocab_size, d, ("positions", "embed"), **kw)
                        if cfg.type_vocab_size > 0 else None)
     self.emb_ln = L.LayerNorm(d, eps=cfg.layer_norm_eps, **kw)
-    self.layers = nnx.List([EncoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+    self.layers = L.stacked(lambda r: EncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+                            cfg.num_hidden_layers, rngs)
     # BERT's pooler (tanh) or DistilBERT's pre_classifier (ReLU): both [hidden, hidden] on [CLS].
     self.pool = L.Dense(d, d, ("embed", "mlp"), **kw)
     self.pool_act = jax.nn.relu if cfg.model_type == "distilbert" else jnp.tanh
@@ -169,8 +170,7 @@ class EncoderClassifier(nnx.Module):
     x = self.emb_ln(x)
     # transformers masks keys only: padded query rows still attend to the real tokens.
     mask = jnp.broadcast_to(key_valid[:, None, :], (b, t, t))
-    for layer in self.layers:
-      x = layer(x, mask)
+    x = L.scan_layers(self.layers, lambda layer, x, i, _: layer(x, mask), x)
     pooled = self.pool_act(self.pool(x[:, 0]))
     return self.classifier(pooled).astype(jnp.float32)
 
@@ -200,6 +200,6 @@ def tensors(cfg: Config, task: str) -> list[Tensor]:
   for i in range(cfg.num_hidden_layers):
     for ours, theirs in sub.items():
       make = layer_norm if ours.endswith("_ln") else dense
-      out += make(("layers", i, ours), f"{layer_prefix}{i}.{theirs}")
+      out += make(("layers", ours), f"{layer_prefix}{i}.{theirs}", layer=i)
   out += dense(("pool",), head) + dense(("classifier",), "classifier")
   return out

@@ -228,7 +228,8 @@ class DebertaV2Classifier(nnx.Module):
                        if cfg.type_vocab_size > 0 else None)
     self.embed_proj = L.Dense(e, d, ("mlp", "embed"), use_bias=False, **kw) if e != d else None
     self.emb_ln = L.LayerNorm(d, eps=cfg.layer_norm_eps, **kw)
-    self.layers = nnx.List([Layer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+    self.layers = L.stacked(lambda r: Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+                            cfg.num_hidden_layers, rngs)
     self.rel_embeddings = (L.Embed(2 * cfg.att_span, d, ("buckets", "embed"), **kw)
                            if cfg.relative_attention else None)
     self.rel_ln = (L.LayerNorm(d, eps=cfg.layer_norm_eps, **kw)
@@ -259,8 +260,7 @@ class DebertaV2Classifier(nnx.Module):
       rel_emb = self.rel_embeddings.embedding[...].astype(self.dtype)
       if self.rel_ln is not None:
         rel_emb = self.rel_ln(rel_emb)
-    for layer in self.layers:
-      x = layer(x, mask, rel_pos, rel_emb)
+    x = L.scan_layers(self.layers, lambda layer, x, i, _: layer(x, mask, rel_pos, rel_emb), x)
     pooled = self.pool_act(self.pool(x[:, 0]))
     return self.classifier(pooled).astype(jnp.float32)
 
@@ -282,17 +282,17 @@ def tensors(cfg: Config, task: str) -> list[Tensor]:
   out += layer_norm(("emb_ln",), emb + "LayerNorm")
   separate = cfg.relative_attention and not cfg.share_att_key
   for i in range(cfg.num_hidden_layers):
-    h, n = ("layers", i), f"{enc}layer.{i}."
+    h, n = ("layers",), f"{enc}layer.{i}."
     for proj in ("query_proj", "key_proj", "value_proj"):
-      out += dense(h + ("attn", proj), n + "attention.self." + proj)
+      out += dense(h + ("attn", proj), n + "attention.self." + proj, i)
     if separate and "c2p" in cfg.pos_att_type:
-      out += dense(h + ("attn", "pos_key_proj"), n + "attention.self.pos_key_proj")
+      out += dense(h + ("attn", "pos_key_proj"), n + "attention.self.pos_key_proj", i)
     if separate and "p2c" in cfg.pos_att_type:
-      out += dense(h + ("attn", "pos_query_proj"), n + "attention.self.pos_query_proj")
-    out += dense(h + ("attn_out",), n + "attention.output.dense")
-    out += layer_norm(h + ("attn_ln",), n + "attention.output.LayerNorm")
-    out += dense(h + ("fc1",), n + "intermediate.dense") + dense(h + ("fc2",), n + "output.dense")
-    out += layer_norm(h + ("ffn_ln",), n + "output.LayerNorm")
+      out += dense(h + ("attn", "pos_query_proj"), n + "attention.self.pos_query_proj", i)
+    out += dense(h + ("attn_out",), n + "attention.output.dense", i)
+    out += layer_norm(h + ("attn_ln",), n + "attention.output.LayerNorm", i)
+    out += dense(h + ("fc1",), n + "intermediate.dense", i) + dense(h + ("fc2",), n + "output.dense", i)
+    out += layer_norm(h + ("ffn_ln",), n + "output.LayerNorm", i)
   if cfg.relative_attention:
     out.append(Tensor(("rel_embeddings", "embedding"), enc + "rel_embeddings.weight"))
     if cfg.norm_rel:

@@ -33,7 +33,7 @@ class Tensor:
   to_ours maps the stored array to our layout (e.g. transpose a torch
   nn.Linear [out, in] weight to an [in, out] kernel); to_hf is its inverse.
   With `layer` set, the Hugging Face tensor is slice `layer` of our
-  parameter at `path`, whose leading axis stacks the decoder layers (the
+  parameter at `path`, whose leading axis stacks the transformer layers (the
   blocks are scanned, see layers.stacked); to_ours / to_hf act on one slice.
   """
   path: tuple[str | int, ...]
@@ -62,14 +62,16 @@ def extra_fields(c: dict[str, Any], handled) -> tuple:
                       and isinstance(v, (int, float, str, bool, type(None)))))
 
 
-def dense(path: tuple, name: str) -> list[Tensor]:
-  """A torch nn.Linear with bias: NAME.weight -> PATH/kernel, NAME.bias -> PATH/bias."""
-  return [linear(path + ("kernel",), name + ".weight"), Tensor(path + ("bias",), name + ".bias")]
+def dense(path: tuple, name: str, layer: int | None = None) -> list[Tensor]:
+  """A torch nn.Linear with bias: NAME.weight -> PATH/kernel, NAME.bias -> PATH/bias (slice `layer`)."""
+  return [linear(path + ("kernel",), name + ".weight", layer),
+          Tensor(path + ("bias",), name + ".bias", layer=layer)]
 
 
-def layer_norm(path: tuple, name: str) -> list[Tensor]:
-  """A torch LayerNorm: NAME.weight -> PATH/scale, NAME.bias -> PATH/bias."""
-  return [Tensor(path + ("scale",), name + ".weight"), Tensor(path + ("bias",), name + ".bias")]
+def layer_norm(path: tuple, name: str, layer: int | None = None) -> list[Tensor]:
+  """A torch LayerNorm: NAME.weight -> PATH/scale, NAME.bias -> PATH/bias (slice `layer`)."""
+  return [Tensor(path + ("scale",), name + ".weight", layer=layer),
+          Tensor(path + ("bias",), name + ".bias", layer=layer)]
 
 
 def resolve_dir(path_or_id: str, allow_patterns=("*.json", "*.safetensors", "*.txt", "*.model")) -> Path:

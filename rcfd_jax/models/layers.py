@@ -202,8 +202,8 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> n
 
   Every parameter's logical names gain a leading "layers" (replicated, see
   sharding.RULES), so init_sharded still creates the stack sharded. Decoder
-  layers are stored this way so that `scan_layers` traces and compiles one
-  layer, not n: compile time no longer grows with depth.
+  and encoder layers are stored this way so that `scan_layers` traces and
+  compiles one layer, not n: compile time no longer grows with depth.
   """
 
   @nnx.split_rngs(splits=n)
