@@ -64,14 +64,17 @@ def make_config(assets: Path, workdir: Path):
   return c
 
 
-def fused_setup(width: int, layers: int):
+def fused_setup(width: int, layers: int, algorithm: str = "reinforce"):
   """(setup, state, steps, first batch) of the rl_step.py iteration, EOS off, for one model size.
 
-  compile_time.py and profile_step.py measure this very program.
+  compile_time.py and profile_step.py measure this very program: REINFORCE-LOO
+  with the words reward, or with algorithm="ppo" rl_step.py's PPO worker
+  (GAE with a value head, the GPT-2 reward model in the graph).
   """
   from rcfd_jax import train
   assets = common.build_assets(Path("/tmp/rcfd_bench") / f"w{width}l{layers}", width=width, layers=layers)
-  flags.FLAGS(["x", f"--assets={assets}"])
+  extra = ["--algorithm=ppo", "--reward=classifier"] if algorithm == "ppo" else []
+  flags.FLAGS(["x", f"--assets={assets}", *extra])
   wd = Path(tempfile.mkdtemp())
   s, state = train.build(make_config(assets, wd), wd)
   s.sc = dataclasses.replace(s.sc, eos_id=-1)

@@ -21,7 +21,7 @@ which is nothing next to the decode itself.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +45,15 @@ class SampleOutput:
     objectives and KL terms use; 0 where mask_bn is False.
   mask_bn: bool, True for completion tokens up to and including the first EOS.
   lengths_b: int32 number of True entries of mask_bn per row.
+  values_bn: with sample's value_fn, float32 value_fn of the final hidden
+    state that predicted each token (what a value head reads on a full
+    forward of the sequence); 0 where mask_bn is False. None without it.
   """
   tokens_bn: jax.Array
   logprobs_bn: jax.Array
   mask_bn: jax.Array
   lengths_b: jax.Array
+  values_bn: jax.Array | None = None
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None, *,
@@ -173,7 +177,8 @@ def choose(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array, top_k: 
 def sample(model: nnx.Module, prompt_ids_bp: jax.Array, prompt_mask_bp: jax.Array,
            rng: jax.Array, *, max_new_tokens: int, temperature: float | jax.Array = 1.0,
            top_k: int | jax.Array = 0, top_p: float | jax.Array = 1.0,
-           eos_id: int | jax.Array = -1, pad_id: int | jax.Array = 0) -> SampleOutput:
+           eos_id: int | jax.Array = -1, pad_id: int | jax.Array = 0,
+           value_fn: Callable[[jax.Array], jax.Array] | None = None) -> SampleOutput:
   """Samples max_new_tokens tokens after left-padded prompts; pure and jittable.
 
   Args:
@@ -188,6 +193,9 @@ def sample(model: nnx.Module, prompt_ids_bp: jax.Array, prompt_mask_bp: jax.Arra
     eos_id: traced; generation of a row ends after it. -1 (or any id
       outside the vocabulary) means never stop, for fixed-length runs.
     pad_id: traced; written after a row's EOS.
+    value_fn: optional map from final hidden states [B, H] to [B] (a value
+      head), evaluated at every step on the states the logits come from, so
+      PPO's rollout needs no second forward pass for its values.
 
   Returns:
     SampleOutput; see its docstring for what each field holds.
@@ -212,10 +220,17 @@ def sample(model: nnx.Module, prompt_ids_bp: jax.Array, prompt_mask_bp: jax.Arra
   slots = p + n - 1
   key_valid_bs = jnp.concatenate([mask_bp, jnp.ones((b, n - 1), bool)], axis=1)
   cache = model.init_cache(b, slots)
-  logits_btv, cache = model.decode(prompt_ids_bp, L.positions_from_mask(mask_bp), cache,
-                                   key_valid_bs, 0)
 
-  def emit(i, logits_bv, done_b, tokens_bn, logp_bn, len_b):
+  def decode(ids_bt, positions_bt, cache, index):
+    """(logits of the last of the T tokens [B, V], value_fn of its hidden state [B], cache)."""
+    if value_fn is None:
+      logits_btv, cache = model.decode(ids_bt, positions_bt, cache, key_valid_bs, index)
+      return logits_btv[:, -1], jnp.zeros((b,), jnp.float32), cache
+    hidden_bth, cache = model.decode_hidden(ids_bt, positions_bt, cache, key_valid_bs, index)
+    h_bh = hidden_bth[:, -1]
+    return model.head(h_bh), value_fn(h_bh).astype(jnp.float32), cache
+
+  def emit(i, logits_bv, value_b, done_b, tokens_bn, logp_bn, values_bn, len_b):
     """Samples token i and records it for rows that have not finished."""
     tok_b, lp_b = choose(logits_bv, jax.random.fold_in(rng, i), temperature, top_k, top_p)
     alive_b = ~done_b
@@ -223,11 +238,15 @@ def sample(model: nnx.Module, prompt_ids_bp: jax.Array, prompt_mask_bp: jax.Arra
     tokens_bn = jax.lax.dynamic_update_slice_in_dim(tokens_bn, tok_b[:, None], i, axis=1)
     logp_bn = jax.lax.dynamic_update_slice_in_dim(
         logp_bn, jnp.where(alive_b, lp_b, 0.0)[:, None], i, axis=1)
-    return tok_b, done_b | (alive_b & (tok_b == eos_id)), tokens_bn, logp_bn, len_b + alive_b
+    values_bn = jax.lax.dynamic_update_slice_in_dim(
+        values_bn, jnp.where(alive_b, value_b, 0.0)[:, None], i, axis=1)
+    return (tok_b, done_b | (alive_b & (tok_b == eos_id)), tokens_bn, logp_bn, values_bn,
+            len_b + alive_b)
 
+  logits_bv, value_b, cache = decode(prompt_ids_bp, L.positions_from_mask(mask_bp), cache, 0)
   tokens_bn = jnp.full((b, n), pad_id, jnp.int32)
   logp_bn = jnp.zeros((b, n), jnp.float32)
-  first = emit(0, logits_btv[:, -1], jnp.zeros((b,), bool), tokens_bn, logp_bn,
+  first = emit(0, logits_bv, value_b, jnp.zeros((b,), bool), tokens_bn, logp_bn, logp_bn,
                jnp.zeros((b,), jnp.int32))
 
   def cond(carry):
@@ -235,19 +254,16 @@ def sample(model: nnx.Module, prompt_ids_bp: jax.Array, prompt_mask_bp: jax.Arra
     return (i < n) & ~done_b.all()
 
   def body(carry):
-    i, cache, tok_b, done_b, tokens_bn, logp_bn, len_b = carry
+    i, cache, tok_b, done_b, tokens_bn, logp_bn, values_bn, len_b = carry
     # Feed token i-1 back at slot P+i-1 and position prompt_len+i-1.
-    logits_b1v, cache = model.decode(tok_b[:, None], (prompt_len_b + i - 1)[:, None], cache,
-                                     key_valid_bs, p + i - 1)
-    tok_b, done_b, tokens_bn, logp_bn, len_b = emit(i, logits_b1v[:, 0], done_b, tokens_bn,
-                                                    logp_bn, len_b)
-    return i + 1, cache, tok_b, done_b, tokens_bn, logp_bn, len_b
+    logits_bv, value_b, cache = decode(tok_b[:, None], (prompt_len_b + i - 1)[:, None], cache, p + i - 1)
+    return (i + 1, cache, *emit(i, logits_bv, value_b, done_b, tokens_bn, logp_bn, values_bn, len_b))
 
-  tok_b, done_b, tokens_bn, logp_bn, len_b = first
-  carry = (jnp.int32(1), cache, tok_b, done_b, tokens_bn, logp_bn, len_b)
-  _, _, _, _, tokens_bn, logp_bn, len_b = jax.lax.while_loop(cond, body, carry)
+  carry = (jnp.int32(1), cache, *first)
+  _, _, _, _, tokens_bn, logp_bn, values_bn, len_b = jax.lax.while_loop(cond, body, carry)
   mask_bn = jnp.arange(n)[None, :] < len_b[:, None]
-  return SampleOutput(tokens_bn=tokens_bn, logprobs_bn=logp_bn, mask_bn=mask_bn, lengths_b=len_b)
+  return SampleOutput(tokens_bn=tokens_bn, logprobs_bn=logp_bn, mask_bn=mask_bn, lengths_b=len_b,
+                      values_bn=values_bn if value_fn is not None else None)
 
 
 def _mesh_of(state: Any) -> Mesh:

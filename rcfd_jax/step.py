@@ -176,21 +176,18 @@ def make_rollout(parts: PolicyParts, rewards: Rewards, sc: StepConfig) -> Callab
     ids = jnp.repeat(batch.prompt_ids, k, axis=0)
     pmask = jnp.repeat(batch.prompt_mask, k, axis=0)
     policy = parts.merge(state.params, frozen.base)
+    # With a value head the sampler reads the values off the hidden states it decodes anyway.
+    value_fn = (lambda h: policy.value(h)[..., 0]) if sc.baseline == "gae" else None
     out = sampler.sample(policy.lm, ids, pmask, _key(state, 0), max_new_tokens=sc.max_new_tokens,
                          temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
-                         eos_id=sc.eos_id, pad_id=sc.pad_id)
+                         eos_id=sc.eos_id, pad_id=sc.pad_id, value_fn=value_fn)
     tokens, mask = out.tokens_bn, out.mask_bn
     if every_step:
       ref_logp, graph_rewards = score(state.params, frozen, ids, pmask, tokens, mask)
     else:
       ref_logp, graph_rewards = score_when_logged(state, frozen, ids, pmask, tokens, mask)
-    if sc.baseline == "gae":
-      seq, seq_mask = _sequences(ids, pmask, tokens, mask)
-      logits, values = policy.completion_outputs(seq, seq_mask, ids.shape[1])
-      logp = rl.token_logprobs(logits, tokens)
-    else:
-      logp, values = out.logprobs_bn, jnp.zeros(tokens.shape, jnp.float32)
-    return Rollout(ids, pmask, tokens, mask, jax.lax.stop_gradient(logp), ref_logp,
+    values = out.values_bn if value_fn is not None else jnp.zeros(tokens.shape, jnp.float32)
+    return Rollout(ids, pmask, tokens, mask, jax.lax.stop_gradient(out.logprobs_bn), ref_logp,
                    jax.lax.stop_gradient(values), graph_rewards,
                    jnp.repeat(batch.demo_reward, k, axis=0))
 

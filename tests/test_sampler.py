@@ -100,6 +100,32 @@ def test_logprobs_equal_full_forward(gpt2, gpt2_sampler, prompts):
   assert (np.asarray(out.logprobs_bn)[~m] == 0).all()
 
 
+def test_value_fn_reads_the_hidden_states_of_a_full_forward(gpt2, prompts):
+  """PPO's values from the sampling pass equal a value head on a forward of the finished sequences."""
+  model = gpt2[1]
+  ids, mask = jnp.asarray(prompts[0]), jnp.asarray(prompts[1])
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(model.config.n_embd,)), jnp.float32)
+  def run(eos, value_fn=None):
+    return jax.jit(lambda ids, mask, eos: sampler.sample(
+        model, ids, mask, jax.random.key(5), max_new_tokens=N, eos_id=eos, pad_id=PAD,
+        value_fn=value_fn))(ids, mask, eos)
+
+  eos = int(run(-1).tokens_bn[0, N // 2])  # a token the first row samples half-way: rows end apart
+  out, plain = run(eos, lambda h: h @ w), run(eos)
+  assert plain.values_bn is None
+  np.testing.assert_array_equal(np.asarray(out.tokens_bn), np.asarray(plain.tokens_bn))
+  seq = jnp.concatenate([ids, out.tokens_bn], axis=1)
+  seq_mask = jnp.concatenate([mask, out.mask_bn], axis=1)
+  _, hidden = jax.jit(lambda s, m: model(s, m, return_hidden=True))(seq, seq_mask)
+  p = ids.shape[1]
+  want = np.asarray(hidden[:, p - 1:-1] @ w)
+  m = np.asarray(out.mask_bn)
+  assert 0 < m.sum() < m.size, "the batch should mix finished and running rows"
+  assert np.abs(want[m]).max() > 0.1
+  np.testing.assert_allclose(np.asarray(out.values_bn)[m], want[m], atol=1e-4)
+  assert (np.asarray(out.values_bn)[~m] == 0).all()
+
+
 def test_eos_stops_rows_and_pads(gpt2_sampler, prompts, greedy):
   ref = np.asarray(greedy.tokens_bn)
   assert greedy.mask_bn.all() and (np.asarray(greedy.lengths_b) == N).all()

@@ -41,7 +41,11 @@ class CausalLM(nnx.Module):
 
   def decode(self, input_ids, positions, cache, key_valid, index):
     """Runs T new tokens at cache slots [index, index+T); returns (logits, cache)."""
+    hidden, cache = self.decode_hidden(input_ids, positions, cache, key_valid, index)
+    return self.head(hidden), cache
+
+  def decode_hidden(self, input_ids, positions, cache, key_valid, index):
+    """decode's final hidden states [B, T, H] instead of logits (head(hidden) gives them)."""
     t = input_ids.shape[1]
     mask = L.causal_mask(index + jnp.arange(t), jnp.arange(key_valid.shape[1]), key_valid)
-    hidden, cache = self._trunk(input_ids, positions, mask, cache, index)
-    return self.head(hidden), cache
+    return self._trunk(input_ids, positions, mask, cache, index)
