@@ -182,7 +182,7 @@ def sample(model: nnx.Module, prompt_ids_bp: jax.Array, prompt_mask_bp: jax.Arra
   """Samples max_new_tokens tokens after left-padded prompts; pure and jittable.
 
   Args:
-    model: a causal LM implementing init_cache / decode (rcfd_jax.models).
+    model: a causal LM implementing init_cache, decode_hidden and head (rcfd_jax.models).
     prompt_ids_bp: int [B, P], left-padded so each prompt ends in column P-1.
     prompt_mask_bp: bool [B, P], True on real prompt tokens.
     rng: a jax.random key; step i uses fold_in(rng, i).
@@ -222,32 +222,33 @@ def sample(model: nnx.Module, prompt_ids_bp: jax.Array, prompt_mask_bp: jax.Arra
   cache = model.init_cache(b, slots)
 
   def decode(ids_bt, positions_bt, cache, index):
-    """(logits of the last of the T tokens [B, V], value_fn of its hidden state [B], cache)."""
-    if value_fn is None:
-      logits_btv, cache = model.decode(ids_bt, positions_bt, cache, key_valid_bs, index)
-      return logits_btv[:, -1], jnp.zeros((b,), jnp.float32), cache
+    """Hidden state of the last of the T tokens [B, H] (the one that predicts the next), cache."""
     hidden_bth, cache = model.decode_hidden(ids_bt, positions_bt, cache, key_valid_bs, index)
-    h_bh = hidden_bth[:, -1]
-    return model.head(h_bh), value_fn(h_bh).astype(jnp.float32), cache
+    return hidden_bth[:, -1], cache
 
-  def emit(i, logits_bv, value_b, done_b, tokens_bn, logp_bn, values_bn, len_b):
-    """Samples token i and records it for rows that have not finished."""
-    tok_b, lp_b = choose(logits_bv, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+  def record(buf_bn, i, x_b, alive_b):
+    return jax.lax.dynamic_update_slice_in_dim(buf_bn, jnp.where(alive_b, x_b, 0)[:, None], i, axis=1)
+
+  def emit(i, h_bh, done_b, tokens_bn, logp_bn, values_bn, len_b):
+    """Samples token i from h_bh's logits and records it for rows that have not finished.
+
+    values_bn is None without value_fn: nothing is computed or carried for it.
+    """
+    tok_b, lp_b = choose(model.head(h_bh), jax.random.fold_in(rng, i), temperature, top_k, top_p)
     alive_b = ~done_b
     tok_b = jnp.where(alive_b, tok_b, pad_id)
     tokens_bn = jax.lax.dynamic_update_slice_in_dim(tokens_bn, tok_b[:, None], i, axis=1)
-    logp_bn = jax.lax.dynamic_update_slice_in_dim(
-        logp_bn, jnp.where(alive_b, lp_b, 0.0)[:, None], i, axis=1)
-    values_bn = jax.lax.dynamic_update_slice_in_dim(
-        values_bn, jnp.where(alive_b, value_b, 0.0)[:, None], i, axis=1)
+    logp_bn = record(logp_bn, i, lp_b, alive_b)
+    if values_bn is not None:
+      values_bn = record(values_bn, i, value_fn(h_bh).astype(jnp.float32), alive_b)
     return (tok_b, done_b | (alive_b & (tok_b == eos_id)), tokens_bn, logp_bn, values_bn,
             len_b + alive_b)
 
-  logits_bv, value_b, cache = decode(prompt_ids_bp, L.positions_from_mask(mask_bp), cache, 0)
+  h_bh, cache = decode(prompt_ids_bp, L.positions_from_mask(mask_bp), cache, 0)
   tokens_bn = jnp.full((b, n), pad_id, jnp.int32)
   logp_bn = jnp.zeros((b, n), jnp.float32)
-  first = emit(0, logits_bv, value_b, jnp.zeros((b,), bool), tokens_bn, logp_bn, logp_bn,
-               jnp.zeros((b,), jnp.int32))
+  values_bn = jnp.zeros((b, n), jnp.float32) if value_fn is not None else None
+  first = emit(0, h_bh, jnp.zeros((b,), bool), tokens_bn, logp_bn, values_bn, jnp.zeros((b,), jnp.int32))
 
   def cond(carry):
     i, _, _, done_b, *_ = carry
@@ -256,14 +257,14 @@ def sample(model: nnx.Module, prompt_ids_bp: jax.Array, prompt_mask_bp: jax.Arra
   def body(carry):
     i, cache, tok_b, done_b, tokens_bn, logp_bn, values_bn, len_b = carry
     # Feed token i-1 back at slot P+i-1 and position prompt_len+i-1.
-    logits_bv, value_b, cache = decode(tok_b[:, None], (prompt_len_b + i - 1)[:, None], cache, p + i - 1)
-    return (i + 1, cache, *emit(i, logits_bv, value_b, done_b, tokens_bn, logp_bn, values_bn, len_b))
+    h_bh, cache = decode(tok_b[:, None], (prompt_len_b + i - 1)[:, None], cache, p + i - 1)
+    return (i + 1, cache, *emit(i, h_bh, done_b, tokens_bn, logp_bn, values_bn, len_b))
 
   carry = (jnp.int32(1), cache, *first)
   _, _, _, _, tokens_bn, logp_bn, values_bn, len_b = jax.lax.while_loop(cond, body, carry)
   mask_bn = jnp.arange(n)[None, :] < len_b[:, None]
   return SampleOutput(tokens_bn=tokens_bn, logprobs_bn=logp_bn, mask_bn=mask_bn, lengths_b=len_b,
-                      values_bn=values_bn if value_fn is not None else None)
+                      values_bn=values_bn)
 
 
 def _mesh_of(state: Any) -> Mesh:
