@@ -255,14 +255,19 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
     results[task], best[task] = {}, {}
     extras[task] = {"demo_length_mean": demos["demo_length_mean"], "samples": {}, "curves": {},
                     "predictability": {k: demos[k] for k in PREDICTABILITY_KEYS}}
+    extra = {"sft_distinct_2": sft["distinct_2"], "demo_distinct_2": demos["demo_distinct_2"]}
+
+    def row(ev: dict) -> dict:
+      merged = {**ev, **extra}
+      return {k: merged[k] for k in KEYS}
+
     for arm in arms(quick):
       wd = d / "runs" / task / arm.name
-      path = wd / "eval" / "step_0.json" if not arm.objective else final_eval(rl_config(task, arm, d, quick), wd)
-      last = json.loads(path.read_text())
-      chosen = max(arm_evals(wd), key=lambda ev, arm=arm: objective_value(ev, arm)) if arm.objective else last
-      extra = {"sft_distinct_2": sft["distinct_2"], "demo_distinct_2": demos["demo_distinct_2"]}
-      results[task][arm.name] = {k: {**last, **extra}[k] for k in KEYS}
-      best[task][arm.name] = {**{k: {**chosen, **extra}[k] for k in KEYS}, "step": chosen["step"]}
+      evals = arm_evals(wd)  # the SFT arm's one evaluation at step 0, or an arm's up to its last step
+      last = evals[-1]
+      chosen = max(evals, key=lambda ev, arm=arm: objective_value(ev, arm))
+      results[task][arm.name] = row(last)
+      best[task][arm.name] = {**row(chosen), "step": chosen["step"]}
       extras[task]["samples"][arm.name] = last.get("samples", [])
       if arm.objective:
         extras[task]["curves"][arm.name] = _curve(wd / "metrics.jsonl")
