@@ -43,6 +43,15 @@ def median(xs) -> float:
   return statistics.median(xs)
 
 
+def cost_analysis(compiled) -> dict:
+  """XLA's cost analysis of a compiled program (flops, bytes accessed, ...) as one dict.
+
+  A loop body (the decode loop, the layer scan) counts once: a floor, for comparisons.
+  """
+  ca = compiled.cost_analysis()
+  return (ca[0] if isinstance(ca, list) else ca) or {}
+
+
 # ---------------------------------------------------------------- assets
 
 def build_assets(out: Path, *, width: int, layers: int, heads: int = 4, vocab: int = 1000, context: int = 128,

@@ -46,8 +46,7 @@ def main(argv):
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  ca = compiled.cost_analysis()
-  ca = ca[0] if isinstance(ca, list) else ca  # a loop body counts once: a floor, for comparisons
+  ca = common.cost_analysis(compiled)
   ts = []
   for i in range(_ITERS.value + 1):  # the first run warms allocators and is not counted
     b = train.device_batch(s, s.batcher, s.batcher.indices(i), s.demo_train)

@@ -45,9 +45,7 @@ def main(argv):
   parts = {"sample": jax.jit(sample_only), "rollout (sample + ref log-probs + reward)":
            jax.jit(make_rollout(s.parts, s.rewards, s.sc))}
   for name, f in parts.items():
-    c = f.lower(state, s.frozen, batch).compile()
-    ca = c.cost_analysis()
-    ca = ca[0] if isinstance(ca, list) else ca
+    ca = common.cost_analysis(f.lower(state, s.frozen, batch).compile())
     f(state, s.frozen, batch)
     ts = []
     for _ in range(5):
@@ -56,9 +54,7 @@ def main(argv):
       ts.append(time.perf_counter() - t)
     print(f"{name}: {common.median(ts):.3f} s  flops={ca.get('flops', 0) / 1e9:.2f}G "
           f"bytes={ca.get('bytes accessed', 0) / 1e9:.2f}G")
-  c = steps.fused.lower(state, s.frozen, batch).compile()
-  ca = c.cost_analysis()
-  ca = ca[0] if isinstance(ca, list) else ca
+  ca = common.cost_analysis(steps.fused.lower(state, s.frozen, batch).compile())
   ts = []
   for i in range(7):
     b = train.device_batch(s, s.batcher, s.batcher.indices(i), s.demo_train)
