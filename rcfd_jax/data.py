@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import ml_collections
 import numpy as np
 
+from rcfd_jax import fingerprint
 from rcfd_jax.errors import UserError
 
 FORMATS = ("columns", "continuation", "tldr")
@@ -383,13 +384,6 @@ def _check_config(config, tokenizer) -> None:
     raise UserError("the policy tokenizer has no EOS token; demonstrations must end with one")
 
 
-def _tokenizer_hash(tokenizer) -> str:
-  """Covers vocabulary, merges, normalizer and special tokens: all that changes token ids."""
-  backend = getattr(tokenizer, "backend_tokenizer", None)
-  text = backend.to_str() if backend else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()
-
-
 def load_prompts(config: ml_collections.ConfigDict, tokenizer) -> PromptDataset:
   """All usable examples of config.path, built as config.format says, in file order."""
   _check_config(config, tokenizer)
@@ -398,10 +392,10 @@ def load_prompts(config: ml_collections.ConfigDict, tokenizer) -> PromptDataset:
       "split", "hub_config", "format", "prompt_column", "demo_column", "text_column",
       "label_column", "label_value", "prompt_tokens", "demo_max_tokens", "prompt_template",
       "min_confidence", "max_prompt_tokens", "prompt_overflow", "max_examples")}
-  fingerprint = hashlib.sha256(json.dumps(
-      [fields, _tokenizer_hash(tokenizer), source_hash], sort_keys=True).encode()).hexdigest()
+  key = hashlib.sha256(json.dumps(
+      [fields, fingerprint.tokenizer(tokenizer), source_hash], sort_keys=True).encode()).hexdigest()
   prompter = _Prompter(config, tokenizer)
-  out = PromptDataset([], [], [], [], [], fingerprint)
+  out = PromptDataset([], [], [], [], [], key)
   rows = _rows(ds, config, tokenizer)
   while not config.max_examples or len(out) < config.max_examples:
     chunk = [r for _, r in zip(range(_CHUNK), rows)]
