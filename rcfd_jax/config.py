@@ -48,7 +48,7 @@ def base() -> ml_collections.ConfigDict:
 
   c.reward = ml_collections.ConfigDict()
   c.reward.sources = ("loglik",)    # reward vector: loglik | length | classifier | function (first = primary)
-  c.reward.cache_dir = "~/.cache/rcfd_jax/demo_rewards"  # demonstration rewards, keyed by RM, tokenizer, data
+  c.reward.cache_dir = "~/.cache/rcfd_jax/demo_rewards"  # demonstration rewards, keyed by the content of models, code, data
   c.reward.demo_batch_size = 32     # batch for scoring demonstrations once per dataset
   c.reward.classifier = ml_collections.ConfigDict()
   c.reward.classifier.path = ""     # HF *ForSequenceClassification directory or hub id

@@ -21,10 +21,9 @@ and the update (the "bridge"); its time is reported as bridge_seconds.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
-import json
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -101,7 +100,8 @@ class Classifier:
   label_index: int
   max_tokens: int
   input: str              # "concat": RM reads prompt + completion; "pair": tokenizer(prompt, completion)
-  fingerprint: str
+  model_dir: Path         # its weights' content names its demonstration rewards in the cache
+  tokenizer_fp: str       # fingerprint.tokenizer of its tokenizer
   _forward: Any = None
 
   def logits_fn(self):
@@ -171,7 +171,7 @@ def load_classifier(cfg, policy_tokenizer, mesh) -> Classifier:
     raise UserError(f"config.reward.classifier.input={cfg.input!r}; use concat or pair")
   in_graph = in_graph and cfg.input == "concat"
   return Classifier(graphdef, state, tok, in_graph, cfg.label_index, cfg.max_tokens, cfg.input,
-                    hf.dir_fingerprint(model_dir) + tokenizer_fp)
+                    model_dir, tokenizer_fp)
 
 
 def length_reward(completion_mask_bn: jax.Array) -> jax.Array:
@@ -235,16 +235,6 @@ class Rewards:
     """[B, K] reward matrix in config order."""
     xp = jnp if any(isinstance(v, jax.Array) for v in parts.values()) else np
     return xp.stack([xp.asarray(parts[n], dtype=xp.float32) for n in self.names], axis=-1)
-
-  def fingerprint(self, policy_fingerprint: str) -> str:
-    """Cache key of demonstration rewards: sources, their models, the policy's weights/tokenizer."""
-    parts = [json.dumps(self.names), policy_fingerprint]
-    if self.classifier is not None:
-      parts.append(self.classifier.fingerprint + str(self.classifier.label_index)
-                   + str(self.classifier.max_tokens) + self.classifier.input)
-    if self.function is not None:
-      parts.append(f"{self.function.__module__}.{self.function.__qualname__}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
 def build(cfg, policy_tokenizer, mesh) -> Rewards:

@@ -115,9 +115,7 @@ def build(config, workdir: Path) -> tuple[Setup, TrainState]:
   rm_state = rewards.classifier.state if rewards.classifier is not None and rewards.classifier.in_graph else None
   frozen = Frozen(parts.frozen, ref, rm_state)
   sc = StepConfig.from_config(config, tokenizer.eos_token_id, tokenizer.pad_token_id)
-  policy_fp = hf.dir_fingerprint(hf.resolve_dir(config.policy.path))
-  demo_train, demo_val = demos.rewards_for(
-      (train_ds, val_ds), parts, frozen, rewards, tokenizer, config, policy_fp)
+  demo_train, demo_val = demos.rewards_for((train_ds, val_ds), parts, frozen, rewards, tokenizer, config)
   tx = optimizer(config.optim)
   state, state_sh = init_state(config, parts.trainable, tx, mesh)
   batcher = data.Batcher(train_ds, config.rollout.prompts_per_step, config.data, tokenizer.pad_token_id)

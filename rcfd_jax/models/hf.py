@@ -11,7 +11,6 @@ write a directory transformers loads back.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -179,18 +178,3 @@ def strip_prefix(names: set[str], prefixes: tuple[str, ...]) -> str:
 def bf16_to_float(x: np.ndarray) -> np.ndarray:
   """safetensors returns bfloat16 as ml_dtypes.bfloat16; widen for host transforms."""
   return x.astype(np.float32) if x.dtype.name == "bfloat16" else x
-
-
-def dir_fingerprint(model_dir: Path) -> str:
-  """Cheap identity of a model directory: config plus safetensors headers and sizes.
-
-  Used in cache keys; reading the headers (not gigabytes of weights) keeps it fast.
-  """
-  model_dir = Path(model_dir)
-  h = hashlib.sha256((model_dir / "config.json").read_bytes())
-  for f in sorted(model_dir.glob("*.safetensors")):
-    with open(f, "rb") as fh:
-      n = int.from_bytes(fh.read(8), "little")
-      h.update(fh.read(min(n, 1 << 20)))
-    h.update(str(f.stat().st_size).encode())
-  return h.hexdigest()[:16]
