@@ -49,11 +49,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.text_column = "text"  # continuation: the text split into prompt and demonstration
   c.label_column = ""  # keep only rows whose label equals label_value; "" disables the filter
   c.label_value = ""  # compared as text: "positive", or "1" for IMDB's integer labels
-  c.prompt_tokens = 10  # continuation: the first N tokens are the prompt (IMDB 10, Wikipedia 64)
+  c.prompt_tokens = 10  # continuation: the first N text tokens are the prompt (IMDB 10, Wikipedia 64)
   c.demo_max_tokens = 161  # demonstration tokens kept, EOS included (IMDB 160 + EOS)
   c.prompt_template = "{prompt}"  # wraps the prompt text, e.g. "Summarize: {prompt}" for tldr
   c.min_confidence = 5  # tldr: keep comparisons with annotator confidence >= this (paper: 5)
-  c.max_prompt_tokens = 64  # fixed prompt width of every batch; longer prompts meet prompt_overflow
+  c.max_prompt_tokens = 64  # fixed prompt width, special tokens (BOS) included; longer prompts meet prompt_overflow
   c.prompt_overflow = "truncate"  # "truncate" (keep the last prompt tokens) | "drop" | "error"
   c.validation_fraction = 0.05  # share of prompts held out for evaluation
   c.validation_size = 0  # if > 0, the number of held-out examples (overrides the fraction)
@@ -315,6 +315,20 @@ class _Prompter:
     self.special = _encode(tokenizer, [""], special=True)[0]
     self.before_ids, self.after_ids = _encode(tokenizer, [self.before, self.after], special=False)
     self.room = config.max_prompt_tokens - len(self.special + self.before_ids + self.after_ids)
+    if config.format == "continuation" and self.room < config.prompt_tokens:
+      # prompt_tokens counts text tokens; the width must also hold what the tokenizer adds
+      # (Llama's BOS) and the template, or the prompt would silently lose its first tokens.
+      added = []
+      if self.special:
+        names = " ".join(tokenizer.convert_ids_to_tokens(self.special))
+        added.append(f"{len(self.special)} the policy tokenizer adds ({names})")
+      if self.before_ids or self.after_ids:
+        added.append(f"{len(self.before_ids + self.after_ids)} of data.prompt_template")
+      raise UserError(
+          f"data.max_prompt_tokens={config.max_prompt_tokens} cannot hold a continuation prompt of "
+          f"data.prompt_tokens={config.prompt_tokens} text tokens"
+          + (f" plus {' and '.join(added)}" if added else "") + "; set "
+          f"data.max_prompt_tokens={config.max_prompt_tokens - self.room + config.prompt_tokens}")
 
   def __call__(self, rows: list[_Row]) -> list[tuple[list[int], str] | None]:
     """(ids, text) per row, or None for a row that overflow="drop" drops."""
@@ -387,6 +401,7 @@ def _check_config(config, tokenizer) -> None:
 def load_prompts(config: ml_collections.ConfigDict, tokenizer) -> PromptDataset:
   """All usable examples of config.path, built as config.format says, in file order."""
   _check_config(config, tokenizer)
+  prompter = _Prompter(config, tokenizer)  # refuses a prompt width before any data is read
   ds, source_hash = _read(config)
   fields = {k: config[k] for k in (
       "split", "hub_config", "format", "prompt_column", "demo_column", "text_column",
@@ -394,7 +409,6 @@ def load_prompts(config: ml_collections.ConfigDict, tokenizer) -> PromptDataset:
       "min_confidence", "max_prompt_tokens", "prompt_overflow", "max_examples")}
   key = hashlib.sha256(json.dumps(
       [fields, fingerprint.tokenizer(tokenizer), source_hash], sort_keys=True).encode()).hexdigest()
-  prompter = _Prompter(config, tokenizer)
   out = PromptDataset([], [], [], [], [], key)
   rows = _rows(ds, config, tokenizer)
   while not config.max_examples or len(out) < config.max_examples:

@@ -87,6 +87,39 @@ def test_continuation_splits_at_exactly_n_tokens_with_label_filter(reviews, tok)
     assert ds.prompt_texts[i] + ds.demo_texts[i] == positive[i]["text"]
 
 
+def _bos_tokenizer():
+  """A word-level tokenizer that adds BOS to every encoding, as Llama's does."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  from transformers import PreTrainedTokenizerFast
+  words = ["<pad>", "<s>", "</s>", "<unk>"] + "a the film was good bad very long story".split()
+  t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  t.pre_tokenizer = pre_tokenizers.Whitespace()
+  t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+  return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>",
+                                 unk_token="<unk>", pad_token="<pad>")
+
+
+def test_continuation_prompt_keeps_its_first_token_under_a_tokenizer_that_adds_bos(tmp_path):
+  bos = _bos_tokenizer()
+  text = "the film was very good a long story"
+  path = _jsonl(tmp_path / "r.jsonl", [{"text": text}] * 3)
+  with pytest.raises(UserError, match=r"max_prompt_tokens=4 cannot hold .*prompt_tokens=4 text tokens "
+                                      r"plus 1 the policy tokenizer adds \(<s>\); set "
+                                      r"data.max_prompt_tokens=5"):
+    data.load_prompts(_cfg(path, format="continuation", prompt_tokens=4, max_prompt_tokens=4), bos)
+  ds = data.load_prompts(_cfg(path, format="continuation", prompt_tokens=4, max_prompt_tokens=5), bos)
+  assert ds.prompt_ids[0] == [bos.bos_token_id] + _enc(bos, "the film was very")
+  assert ds.prompt_texts[0] == "the film was very"
+  assert ds.demo_ids[0] == _enc(bos, "good a long story") + [bos.eos_token_id]
+
+
+def test_presets_leave_room_for_bos():
+  import importlib
+  for name in ("imdb", "wiki_seqll"):
+    c = importlib.import_module(f"configs.{name}").get_config().data
+    assert c.max_prompt_tokens == c.prompt_tokens + 1, name
+
+
 def test_continuation_truncates_demonstration_and_appends_eos(reviews, tok):
   ds = data.load_prompts(_cfg(reviews, format="continuation", prompt_tokens=4,
                               max_prompt_tokens=8, demo_max_tokens=6), tok)
