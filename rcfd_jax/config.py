@@ -167,10 +167,11 @@ def check(c: ml_collections.ConfigDict) -> None:
   if c.rl.algorithm == "reinforce":
     need(c.rl.ppo.epochs == 1, "config.rl.ppo.epochs > 1 needs config.rl.algorithm=ppo")
   need(c.checkpoint.every_steps > 0 and c.eval.every_steps > 0, "checkpoint/eval every_steps must be positive")
-  if c.data.demo_max_tokens > c.rollout.max_new_tokens + 1:
-    # Demonstrations are truncated to demo_max_tokens (EOS included), as the paper truncates
-    # them to the generation budget; a longer cap lets y_d outgrow every completion.
+  if c.data.demo_max_tokens > c.rollout.max_new_tokens:
+    # Both budgets count the EOS: a completion is at most max_new_tokens tokens, its last the EOS,
+    # and a demonstration is truncated to demo_max_tokens - 1 tokens plus the EOS, as the paper
+    # truncates them to the generation budget. A longer cap lets y_d outgrow every completion.
     logging.warning("data.demo_max_tokens=%d keeps demonstrations longer than the generation budget "
                     "rollout.max_new_tokens=%d; length-sensitive rewards of R(x, y_d) then exceed what the "
-                    "policy can reach: set data.demo_max_tokens <= max_new_tokens + 1 (EOS)",
+                    "policy can reach: set data.demo_max_tokens <= rollout.max_new_tokens (both count the EOS)",
                     c.data.demo_max_tokens, c.rollout.max_new_tokens)

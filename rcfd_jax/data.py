@@ -50,7 +50,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.label_column = ""  # keep only rows whose label equals label_value; "" disables the filter
   c.label_value = ""  # compared as text: "positive", or "1" for IMDB's integer labels
   c.prompt_tokens = 10  # continuation: the first N text tokens are the prompt (IMDB 10, Wikipedia 64)
-  c.demo_max_tokens = 161  # demonstration tokens kept, EOS included (IMDB 160 + EOS)
+  c.demo_max_tokens = 32  # demonstration tokens kept, EOS included: <= rollout.max_new_tokens
   c.prompt_template = "{prompt}"  # wraps the prompt text, e.g. "Summarize: {prompt}" for tldr
   c.min_confidence = 5  # tldr: keep comparisons with annotator confidence >= this (paper: 5)
   c.max_prompt_tokens = 64  # fixed prompt width, special tokens (BOS) included; longer prompts meet prompt_overflow

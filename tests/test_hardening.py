@@ -151,7 +151,12 @@ def test_demonstrations_longer_than_the_budget_warn(caplog):
     config_lib.check(c)
   assert any("longer than the generation budget" in r.getMessage() for r in caplog.records)
   caplog.clear()
-  c.data.demo_max_tokens = 9  # 8 tokens + EOS: exactly the budget
+  c.data.demo_max_tokens = 9  # 8 tokens + EOS against completions of 7 tokens + EOS: one too long
+  with caplog.at_level("WARNING"):
+    config_lib.check(c)
+  assert any("longer than the generation budget" in r.getMessage() for r in caplog.records)
+  caplog.clear()
+  c.data.demo_max_tokens = 8  # 7 tokens + EOS: exactly the budget
   with caplog.at_level("WARNING"):
     config_lib.check(c)
   assert not any("generation budget" in r.getMessage() for r in caplog.records)
