@@ -424,9 +424,26 @@ def load_prompts(config: ml_collections.ConfigDict, tokenizer) -> PromptDataset:
       out.demo_texts.append(d_text)
       out.extras.append(r.extras)
   if not out.prompt_ids:
-    raise UserError(f"no examples left in {config.path} after filtering (format={config.format}, "
-                    f"label {config.label_column or '-'}={config.label_value!r}, "
-                    f"min_confidence={config.min_confidence}); check the filters")
+    filters = _filters(config)
+    if not filters:
+      raise UserError(f"no examples in {config.path}: it holds no rows")
+    raise UserError(f"no examples left in {config.path} after filtering ({'; '.join(filters)}); "
+                    "check the filters")
+  return out
+
+
+def _filters(config) -> list[str]:
+  """The row filters this config sets, in words, for the error that says nothing passed them."""
+  out = []
+  if config.label_column:
+    out.append(f"data.label_column {config.label_column!r} == {config.label_value!r}")
+  if config.format == "continuation":
+    out.append(f"texts longer than data.prompt_tokens={config.prompt_tokens} tokens")
+  if config.format == "tldr":
+    out.append(f"a Reddit post and annotator confidence >= data.min_confidence={config.min_confidence}")
+  if config.prompt_overflow == "drop":
+    out.append(f"prompts within data.max_prompt_tokens={config.max_prompt_tokens} "
+               "(data.prompt_overflow=drop)")
   return out
 
 

@@ -99,6 +99,11 @@ class Setup:
 def build(config, workdir: Path) -> tuple[Setup, TrainState]:
   mesh = sharding.mesh_from_config(config.mesh)
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+  # The model directories before the data: a directory without tokenizer files loads as an
+  # empty tokenizer, which would surface as "no examples left" rather than as what it is.
+  hf.check_dir(hf.resolve_dir(config.policy.path), tokenizer=True)
+  if any(s.kind == "classifier" for s in rewards_lib.parse_sources(config.reward.sources)):
+    hf.check_dir(hf.resolve_dir(config.reward.classifier.path), tokenizer=True)
   tokenizer = load_tokenizer(config.policy.path)
   splits = data.load(config.data, tokenizer)
   train_ds, val_ds = splits.train, splits.validation

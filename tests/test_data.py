@@ -287,10 +287,15 @@ def test_missing_column_names_available_ones(tmp_path, tok):
     data.load_prompts(_cfg(path, label_column="stars", label_value="5"), tok)
 
 
-def test_empty_after_filtering(reviews, tok):
-  with pytest.raises(UserError, match="no examples left"):
+def test_empty_after_filtering_names_only_the_filters_the_config_sets(reviews, tmp_path, tok):
+  with pytest.raises(UserError, match="no examples left") as e:
     data.load_prompts(_cfg(reviews, format="continuation", label_column="label",
                            label_value="lukewarm"), tok)
+  assert "'label' == 'lukewarm'" in str(e.value) and "prompt_tokens=10" in str(e.value)
+  assert "confidence" not in str(e.value) and "format=" not in str(e.value)
+  path = _jsonl(tmp_path / "qa.jsonl", [dict(r, kind="qa") for r in QA])
+  with pytest.raises(UserError, match=r"after filtering \(data.label_column 'kind' == 'chat'\);") as e:
+    data.load_prompts(_cfg(path, label_column="kind", label_value="chat"), tok)
 
 
 def test_empty_demonstration(tmp_path, tok):

@@ -97,6 +97,19 @@ def test_policy_tokenizer_without_eos(tiny_assets, tmp_path):
   _refused(c, tmp_path / "run", tmp_path / "cache", "has no eos token; set eos_token in its tokenizer_config.json")
 
 
+def test_policy_directory_with_only_a_pickle_and_no_tokenizer_is_named_before_the_data(tiny_assets, tmp_path):
+  d = tmp_path / "policy"
+  d.mkdir()
+  shutil.copy(Path(tiny_assets) / "policy" / "config.json", d)
+  (d / "pytorch_model.bin").write_bytes(b"a pickle is never opened")
+  c = tiny_config(tiny_assets, tmp_path / "cache", **{"policy.path": str(d)})
+  _refused(c, tmp_path / "run", tmp_path / "cache",
+           r"policy holds only pickle checkpoints \(pytorch_model.bin\).*convert them to safetensors.*"
+           r"; and it has no tokenizer files \(tokenizer.json, .*\): save its tokenizer into it")
+  shutil.copy(Path(tiny_assets) / "policy" / "model.safetensors", d)
+  _refused(c, tmp_path / "run", tmp_path / "cache", r"policy has no tokenizer files")
+
+
 def test_policy_tokenizer_without_pad_pads_with_eos(tiny_assets, tmp_path):
   tok = train.load_tokenizer(str(_policy_copy(tiny_assets, tmp_path, pad_token=None)))
   assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
