@@ -22,7 +22,7 @@ from absl import logging
 from flax import nnx
 
 from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, memory, metrics, models,
-                      policy as policy_lib, rewards as rewards_lib, sharding, validate)
+                      policy as policy_lib, prepare, rewards as rewards_lib, sharding, validate)
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import hf
 from rcfd_jax.step import Batch, Frozen, StepConfig, TrainState, make_rollout, make_update
@@ -221,6 +221,8 @@ def run(config, workdir: str) -> TrainState:
   distributed.initialize(config.distributed)
   config_lib.check(config)
   check_workdir(workdir)
+  if config.assets_dir:  # the tiny config's corpus and random models, built on first use
+    prepare.build(config.assets_dir)
   s, state = build(config, Path(workdir))
   wd = prepare_workdir(workdir)
   ckpt = checkpoint.Checkpointer(wd / "checkpoints", max_to_keep=config.checkpoint.keep)

@@ -233,7 +233,7 @@ def test_package_reads_no_pickle_and_runs_no_remote_code():
 
 
 def test_config_fields_that_name_paths_are_known():
-  """Only reward.cache_dir is written outside --workdir; a new output path must be reviewed here."""
+  """Only reward.cache_dir and assets_dir are written outside --workdir; a new output path must be reviewed here."""
   c = config_lib.base()
   paths = set()
 
@@ -246,7 +246,7 @@ def test_config_fields_that_name_paths_are_known():
 
   walk(c, "")
   read_only = {"policy.path", "data.path", "reward.classifier.path"}
-  assert paths == read_only | {"reward.cache_dir"}, paths
+  assert paths == read_only | {"reward.cache_dir", "assets_dir"}, paths
 
 
 # -------------------------------------------------------------------------------- faults
