@@ -99,6 +99,22 @@ def _require_columns(columns, needed, path) -> None:
                       f"{', '.join(columns)}")
 
 
+def _subfields(feature) -> set[str]:
+  """Field names of a struct column, or of the structs a list column holds."""
+  inner = feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", feature)
+  return set(inner) if isinstance(inner, dict) else set()
+
+
+def _require_tldr_fields(features, path) -> None:
+  """The nested fields the tldr format reads; the hub's parquet conversion must keep them too."""
+  needed = {"info": "post", "summaries": "text", "extra": "confidence"}
+  missing = [f"{col}.{field}" for col, field in needed.items() if field not in _subfields(features[col])]
+  if missing:
+    raise UserError(f"the tldr format reads {', '.join(missing)}, which the rows of {path} lack; "
+                    "point data.path at the TL;DR comparisons (openai/summarize_from_feedback, "
+                    "config comparisons) or use format=columns")
+
+
 def _text(value, column: str, row: int) -> str:
   if value is None:
     return ""
@@ -142,6 +158,8 @@ def _rows(ds, config, tokenizer) -> Iterator[_Row]:
             "continuation": [config.text_column],
             "tldr": ["info", "summaries", "choice", "extra"]}[fmt]
   _require_columns(cols, needed + ([config.label_column] if config.label_column else []), path)
+  if fmt == "tldr":
+    _require_tldr_fields(ds.features, path)
   consumed = set(needed) if fmt != "tldr" else {"info", "summaries"}
   start = 0
   for batch in ds.iter(batch_size=_CHUNK):

@@ -14,10 +14,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from absl import logging
+
 from rcfd_jax.errors import UserError
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _SPLIT_NAMES = ("train", "validation", "valid", "dev", "test")
+PARQUET_REVISION = "refs/convert/parquet"  # the hub's automatic parquet export of every dataset
+_SCRIPT_REFUSED = "Dataset scripts are no longer supported"  # datasets >= 4 on a loading script
 
 
 def _is_local(path: str) -> bool:
@@ -129,8 +133,47 @@ def _read_hub(datasets, path: str, config) -> tuple[Any, str]:
   try:
     ds = datasets.load_dataset(path, config.hub_config or None, split=config.split)
   except Exception as e:  # offline, unknown id, missing config: all fixed the same way
+    if _SCRIPT_REFUSED in str(e):
+      ds = _read_parquet_conversion(datasets, path, config)
+      return ds, ds._fingerprint
     why = "the hub is offline here" if offline else f"loading it failed ({type(e).__name__})"
     raise UserError(f"data.path '{path}' looks like a hub dataset id and {why}; download it "
                     "where there is network (datasets.load_dataset(...).to_parquet(FILE)) and "
                     "set data.path to the local file") from None
   return ds, ds._fingerprint
+
+
+def _read_parquet_conversion(datasets, path: str, config) -> Any:
+  """The hub's parquet export of a dataset published with a loading script.
+
+  datasets >= 4 runs no loading scripts (openai/summarize_from_feedback, the
+  TL;DR comparisons, is one); the hub keeps an automatic conversion to
+  parquet under the revision refs/convert/parquet, one directory per config.
+  Its config names can differ from the script's: data.hub_config is used
+  when the conversion has it, else the conversion's only config.
+  """
+  def fail(why: str):
+    raise UserError(f"data.path '{path}' ships a loading script, which datasets {datasets.__version__} "
+                    f"no longer runs, and its parquet conversion (revision {PARQUET_REVISION}) {why}") from None
+
+  try:
+    names = list(datasets.get_dataset_config_names(path, revision=PARQUET_REVISION))
+  except Exception as e:  # the hub's API: network, permissions, no conversion
+    fail(f"could not be listed ({type(e).__name__}); download the data where it can be read and "
+         "set data.path to a local file")
+  if config.hub_config in names:
+    name = config.hub_config
+  elif len(names) == 1:
+    name = names[0]
+  else:
+    fail(f"has no config {config.hub_config!r} but {', '.join(names) or 'none'}; set data.hub_config "
+         "to one of them")
+  try:
+    ds = datasets.load_dataset(path, name, split=config.split, revision=PARQUET_REVISION)
+  except Exception as e:
+    fail(f"could not be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); download "
+         "the data where it can be read and set data.path to a local file")
+  logging.warning("%s ships a loading script, which datasets %s no longer runs: reading its parquet "
+                  "conversion instead (revision %s, config %s)", path, datasets.__version__,
+                  PARQUET_REVISION, name)
+  return ds

@@ -329,3 +329,58 @@ def test_hub_id_offline_fails_fast(tok, monkeypatch):
     data.load_prompts(_cfg("openai/summarize_from_feedback", format="tldr",
                            hub_config="comparisons"), tok)
   assert time.perf_counter() - start < 5
+
+
+def _tldr_rows():
+  """Rows as the hub's parquet conversion of openai/summarize_from_feedback (comparisons) holds them."""
+  return [{"info": {"id": f"p{i}", "post": f"My cat keeps waking me up, night {i}.", "title": "cat",
+                    "subreddit": "pets", "site": None, "article": None},
+           "summaries": [{"text": f" bad summary {i}", "policy": "a", "note": None},
+                         {"text": f" cat wakes me {i}", "policy": "b", "note": None}],
+           "choice": 1, "worker": "w", "batch": "b0", "split": "train",
+           "extra": {"confidence": 5 + i % 3}} for i in range(6)]
+
+
+@pytest.fixture
+def script_only_hub(monkeypatch):
+  """A stand-in hub where the dataset ships a loading script; the parquet branch holds the rows."""
+  import datasets
+  calls = []
+
+  def load_dataset(path, name=None, split=None, revision=None, **kw):
+    calls.append((path, name, split, revision))
+    if revision != "refs/convert/parquet":
+      raise RuntimeError("Dataset scripts are no longer supported, but found summarize_from_feedback.py")
+    if name != "comparisons":
+      raise ValueError(f"BuilderConfig '{name}' not found")
+    return datasets.Dataset.from_list(_tldr_rows())
+
+  monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+  monkeypatch.setattr(datasets, "get_dataset_config_names", lambda path, revision=None: ["axis", "comparisons"])
+  return calls
+
+
+def test_hub_dataset_with_a_loading_script_reads_the_parquet_conversion(script_only_hub, tok, caplog):
+  cfg = _cfg("openai/summarize_from_feedback", format="tldr", hub_config="comparisons",
+             prompt_template="Summarize: {prompt}", max_prompt_tokens=64)
+  with caplog.at_level("WARNING"):
+    ds = data.load_prompts(cfg, tok)
+  assert script_only_hub[-1] == ("openai/summarize_from_feedback", "comparisons", "train",
+                                 "refs/convert/parquet")
+  assert ds.demo_texts == [f" cat wakes me {i}" for i in range(6)]
+  assert ds.prompt_texts[0] == "Summarize: My cat keeps waking me up, night 0."
+  said = [r.getMessage() for r in caplog.records if "refs/convert/parquet" in r.getMessage()]
+  assert len(said) == 1 and "loading script" in said[0] and "config comparisons" in said[0]
+
+
+def test_hub_dataset_with_a_loading_script_fails_in_one_line_naming_the_revision(script_only_hub, tok):
+  cfg = _cfg("openai/summarize_from_feedback", format="tldr", hub_config="")
+  with pytest.raises(UserError, match=r"parquet conversion \(revision refs/convert/parquet\) has no "
+                                      r"config '' but axis, comparisons; set data.hub_config"):
+    data.load_prompts(cfg, tok)
+
+
+def test_tldr_rows_without_the_fields_it_reads(tmp_path, tok):
+  rows = [dict(r, extra={"score": 1}) for r in _tldr_rows()]
+  with pytest.raises(UserError, match=r"the tldr format reads extra.confidence, which the rows"):
+    data.load_prompts(_cfg(_jsonl(tmp_path / "c.jsonl", rows), format="tldr"), tok)
