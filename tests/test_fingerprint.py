@@ -1,4 +1,4 @@
-"""Content identities: what two tokenizers, two weight files or two reward functions share or not."""
+"""Content identities: when two tokenizers or two weight files count as the same, and what that keys."""
 
 import json
 
