@@ -45,7 +45,7 @@ def make_config(assets: Path, workdir: Path):
   c.data.path = str(assets / "data.jsonl")
   c.data.format = "columns"
   c.data.max_prompt_tokens = 16
-  c.data.demo_max_tokens = 33
+  c.data.demo_max_tokens = _NEW.value  # demonstrations as long as the completions, EOS included
   c.data.validation_size = 16
   c.rollout.prompts_per_step = _BATCH.value
   c.rollout.samples_per_prompt = _K.value

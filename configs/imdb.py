@@ -4,7 +4,7 @@
     python -m rcfd_jax.main --config=configs/imdb.py --workdir=DIR --config.rl.objective=kl --config.rl.beta=0.3
 
 Prompt = the first 10 tokens of a positive review, demonstration = the rest
-(generation up to 160 tokens). Reward = the positive-class logit of a
+cut like the generations (up to 160 tokens, EOS included). Reward = the positive-class logit of a
 DistilBERT sentiment classifier; it has its own tokenizer, so the host
 re-tokenizes completions for it between rollout and update (bridge_seconds in
 metrics.jsonl). Paper, mean reward / Alignment A: demonstrations 2.01;
@@ -25,8 +25,8 @@ def get_config(arg=None):
   c.data.label_column = "label"
   c.data.label_value = "1"
   c.data.prompt_tokens = 10
-  c.data.max_prompt_tokens = 10
-  c.data.demo_max_tokens = 161
+  c.data.max_prompt_tokens = 11  # the 10 text tokens and Llama's BOS
+  c.data.demo_max_tokens = 160  # 159 tokens + EOS: as long as the longest completion
   c.data.validation_size = 500
   c.rollout.prompts_per_step = 400
   c.rollout.max_new_tokens = 160

@@ -1,14 +1,18 @@
 """Tiny end-to-end run on 2 CPU cores, on assets the project builds (no hub).
 
-    python -m rcfd_jax.prepare --out=build/tiny
     python -m rcfd_jax.main --config=configs/tiny.py --workdir=runs/tiny
+
+The first run builds the assets in build/tiny (the same bytes as
+`python -m rcfd_jax.prepare --out=build/tiny`, about 10 seconds); later runs,
+and runs started at the same time, use them.
 
 RCfD on two rewards (a random GPT-2 sentiment classifier sharing the policy's
 tokenizer, and the sequence log-likelihood under the initial policy) with a
 2-layer width-64 GPT-2 policy. Expect about a minute including compilation;
 metrics.jsonl, eval/step_*.json and checkpoints/ appear in the workdir. The
 models are random, so the numbers only show that everything runs. The
-argument overrides the assets directory: --config=configs/tiny.py:DIR.
+argument overrides the assets directory, built there too when missing:
+--config=configs/tiny.py:DIR.
 """
 
 from rcfd_jax import config as base
@@ -17,6 +21,7 @@ from rcfd_jax import config as base
 def get_config(arg=None):
   assets = arg or "build/tiny"
   c = base.base()
+  c.assets_dir = assets
   c.total_steps = 6
   c.policy.path = f"{assets}/policy"
   c.data.path = f"{assets}/reviews.jsonl"

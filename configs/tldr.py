@@ -5,6 +5,8 @@
 
 Reddit TL;DR comparisons filtered to annotator confidence >= 5 (about 22k
 prompts); demonstration = the chosen summary; prompt "Summarize: <post>".
+The dataset ships a loading script, which datasets >= 4 no longer runs, so it
+is read from the hub's parquet conversion (revision refs/convert/parquet).
 Reward = the scalar score of OpenAssistant/reward-model-deberta-v3-large-v2,
 read as a (question, answer) pair through the host bridge. Paper, R_RM /
 length / Alignment A: demonstrations 4.14 / 40.2 / -; beta=0: 5.64 / 95.2 /

@@ -4,9 +4,9 @@
     python -m rcfd_jax.main --config=configs/wiki_seqll.py --workdir=DIR --config.rl.objective=max
 
 Prompt = the first 64 tokens of a Wikipedia segment, demonstration = its
-continuation (at most 320 tokens). Reward = mean per-token log-likelihood of
-the completion under the frozen initial model, i.e. the reference log-probs
-the step computes anyway. The paper reports: max reward drives the policy to
+continuation cut like the generations (at most 320 tokens, EOS included).
+Reward = mean per-token log-likelihood of the completion under the frozen
+initial model, i.e. the reference log-probs the step computes anyway. The paper reports: max reward drives the policy to
 -0.19 nats/token (repetitive text), humans score -1.95, RCfD -1.94.
 Policy LLaMA-2-7B with LoRA (rank 32, alpha 64); Adam 5e-5; PPO clip 0.3 with
 batch-whitened rewards; effective batch 500 (25 x 20 accumulation).
@@ -26,8 +26,8 @@ def get_config(arg=None):
   c.data.format = "continuation"
   c.data.text_column = "text"
   c.data.prompt_tokens = 64
-  c.data.max_prompt_tokens = 64
-  c.data.demo_max_tokens = 321  # 320 continuation tokens + EOS
+  c.data.max_prompt_tokens = 65  # the 64 text tokens and Llama's BOS
+  c.data.demo_max_tokens = 320  # 319 continuation tokens + EOS: as long as the longest completion
   c.data.max_examples = 100_000
   c.data.validation_size = 1000
   c.rollout.prompts_per_step = 500

@@ -23,6 +23,7 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0                        # seeds parameters of new heads, sampling and data order
   c.total_steps = 100               # RL iterations (one rollout batch each)
   c.log_every_steps = 1             # metrics come off the device only on these steps
+  c.assets_dir = ""                 # rcfd_jax.prepare builds the tiny assets here first if missing; "" = none
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"         # parameters and activations: float32 | bfloat16 (logits stay fp32)
@@ -48,7 +49,7 @@ def base() -> ml_collections.ConfigDict:
 
   c.reward = ml_collections.ConfigDict()
   c.reward.sources = ("loglik",)    # reward vector: loglik | length | classifier | function (first = primary)
-  c.reward.cache_dir = "~/.cache/rcfd_jax/demo_rewards"  # demonstration rewards, keyed by RM, tokenizer, data
+  c.reward.cache_dir = "~/.cache/rcfd_jax/demo_rewards"  # demonstration rewards, keyed by the content of models, code, data
   c.reward.demo_batch_size = 32     # batch for scoring demonstrations once per dataset
   c.reward.classifier = ml_collections.ConfigDict()
   c.reward.classifier.path = ""     # HF *ForSequenceClassification directory or hub id
@@ -176,10 +177,11 @@ def check(c: ml_collections.ConfigDict) -> None:
     need(c.rl.ppo.epochs == 1, "config.rl.ppo.epochs > 1 needs config.rl.algorithm=ppo")
   need(c.checkpoint.every_steps > 0 and c.eval.every_steps > 0, "checkpoint/eval every_steps must be positive")
   need(c.eval.samples_per_prompt >= 1, "config.eval.samples_per_prompt must be >= 1")
-  if c.data.demo_max_tokens > c.rollout.max_new_tokens + 1:
-    # Demonstrations are truncated to demo_max_tokens (EOS included), as the paper truncates
-    # them to the generation budget; a longer cap lets y_d outgrow every completion.
+  if c.data.demo_max_tokens > c.rollout.max_new_tokens:
+    # Both budgets count the EOS: a completion is at most max_new_tokens tokens, its last the EOS,
+    # and a demonstration is truncated to demo_max_tokens - 1 tokens plus the EOS, as the paper
+    # truncates them to the generation budget. A longer cap lets y_d outgrow every completion.
     logging.warning("data.demo_max_tokens=%d keeps demonstrations longer than the generation budget "
                     "rollout.max_new_tokens=%d; length-sensitive rewards of R(x, y_d) then exceed what the "
-                    "policy can reach: set data.demo_max_tokens <= max_new_tokens + 1 (EOS)",
+                    "policy can reach: set data.demo_max_tokens <= rollout.max_new_tokens (both count the EOS)",
                     c.data.demo_max_tokens, c.rollout.max_new_tokens)

@@ -8,30 +8,27 @@ way the paper builds them:
   tldr          Reddit TL;DR comparisons at annotator confidence >= 5,
                 prompt "Summarize: <post>", y_d = the chosen summary;
   columns       prompt and demonstration read from two columns.
-Rows come through the `datasets` library from local files or a hub id. The
-batcher makes the batch of step s a pure function of (seed, s, batch size),
-so resuming a run needs only the step and every host can build its own share.
+Rows come through the `datasets` library from local files or a hub id
+(rcfd_jax.sources). The batcher makes the batch of step s a pure function of
+(seed, s, batch size), so resuming a run needs only the step and every host
+can build its own share.
 """
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import hashlib
 import json
-import os
-from pathlib import Path
 from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
 
+from rcfd_jax import fingerprint, sources
 from rcfd_jax.errors import UserError
 
 FORMATS = ("columns", "continuation", "tldr")
 OVERFLOWS = ("truncate", "drop", "error")
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-_SPLIT_NAMES = ("train", "validation", "valid", "dev", "test")
 _SPLIT_KEY = 2**32 - 1  # seeds the train/validation split apart from the epoch permutations
 _CHUNK = 1024  # rows tokenized per tokenizer call
 
@@ -48,11 +45,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.text_column = "text"  # continuation: the text split into prompt and demonstration
   c.label_column = ""  # keep only rows whose label equals label_value; "" disables the filter
   c.label_value = ""  # compared as text: "positive", or "1" for IMDB's integer labels
-  c.prompt_tokens = 10  # continuation: the first N tokens are the prompt (IMDB 10, Wikipedia 64)
-  c.demo_max_tokens = 161  # demonstration tokens kept, EOS included (IMDB 160 + EOS)
+  c.prompt_tokens = 10  # continuation: the first N text tokens are the prompt (IMDB 10, Wikipedia 64)
+  c.demo_max_tokens = 32  # demonstration tokens kept, EOS included: <= rollout.max_new_tokens
   c.prompt_template = "{prompt}"  # wraps the prompt text, e.g. "Summarize: {prompt}" for tldr
   c.min_confidence = 5  # tldr: keep comparisons with annotator confidence >= this (paper: 5)
-  c.max_prompt_tokens = 64  # fixed prompt width of every batch; longer prompts meet prompt_overflow
+  c.max_prompt_tokens = 64  # fixed prompt width, special tokens (BOS) included; longer prompts meet prompt_overflow
   c.prompt_overflow = "truncate"  # "truncate" (keep the last prompt tokens) | "drop" | "error"
   c.validation_fraction = 0.05  # share of prompts held out for evaluation
   c.validation_size = 0  # if > 0, the number of held-out examples (overrides the fraction)
@@ -95,130 +92,27 @@ def load(config: ml_collections.ConfigDict, tokenizer) -> DataSplits:
   return split(load_prompts(config, tokenizer), config)
 
 
-# ----------------------------------------------------------------------------- reading
-
-
-def _is_local(path: str) -> bool:
-  """Hub ids are "name" or "org/name"; anything else that looks like a path is local."""
-  return (os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~"))
-          or Path(path).suffix in _BUILDERS or path.count("/") > 1)
-
-
-def _hash_and_check_utf8(path: Path, text: bool) -> str:
-  """sha256 of the file; text files must decode as UTF-8, which this checks on the way."""
-  digest, decoder = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")()
-  lines = 1
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 20):
-      digest.update(chunk)
-      if text:
-        try:
-          decoder.decode(chunk)
-        except UnicodeDecodeError as e:
-          line = lines + e.object[:e.start].count(b"\n")
-          raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} on line "
-                          f"{line}); re-encode it as UTF-8 (iconv -f latin1 -t utf-8)") from None
-        lines += chunk.count(b"\n")
-  if text:
-    try:
-      decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-      raise UserError(f"{path} is not UTF-8 text (it ends inside a character); "
-                      "re-encode it as UTF-8") from None
-  return digest.hexdigest()
-
-
-def _data_files(root: Path, split_name: str) -> list[Path]:
-  """The files of `split_name` under a directory: named after it, or all files if none is."""
-  files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _BUILDERS)
-  if not files:
-    raise UserError(f"{root} holds no {'/'.join(_BUILDERS)} files")
-
-  def split_of(p: Path) -> str | None:
-    parts = [q.lower() for q in p.relative_to(root).parent.parts] + [p.stem.lower()]
-    for part in parts:
-      for name in _SPLIT_NAMES:
-        if part == name or part.startswith((name + "-", name + "_", name + ".")):
-          return name
-    return None
-
-  named = {p: split_of(p) for p in files}
-  if not any(named.values()):
-    if split_name != "train":
-      raise UserError(f"{root} has no file named after split '{split_name}'; "
-                      "its files form the 'train' split")
-    return files
-  chosen = [p for p, s in named.items() if s == split_name]
-  if not chosen:
-    found = sorted({s for s in named.values() if s})
-    raise UserError(f"{root} has no split '{split_name}'; splits found: {', '.join(found)}")
-  return chosen
-
-
-def _read(config) -> tuple[Any, str]:
-  """The rows of config.path as a datasets.Dataset, and a hash of what was read."""
-  import datasets
-
-  path = str(config.path)
-  if not path:
-    raise UserError("data.path is empty; set it to a local data file/directory or a hub id")
-  bars = datasets.is_progress_bar_enabled()
-  datasets.disable_progress_bars()
-  try:
-    if not _is_local(path):
-      return _read_hub(datasets, path, config)
-    root = Path(path).expanduser()
-    if not root.exists():
-      raise UserError(f"data file {root} does not exist; check data.path")
-    if root.is_dir() and ((root / "state.json").exists() or (root / "dataset_dict.json").exists()):
-      ds = datasets.load_from_disk(str(root))
-      if isinstance(ds, datasets.DatasetDict):
-        if config.split not in ds:
-          raise UserError(f"{root} has no split '{config.split}'; splits: {', '.join(ds)}")
-        ds = ds[config.split]
-      return ds, ds._fingerprint
-    files = [root] if root.is_file() else _data_files(root, config.split)
-    suffixes = {p.suffix for p in files}
-    if len(suffixes) > 1 or files[0].suffix not in _BUILDERS:
-      raise UserError(f"data files must share one of the suffixes {', '.join(_BUILDERS)}; "
-                      f"got {', '.join(sorted(suffixes))} under {root}")
-    builder = _BUILDERS[files[0].suffix]
-    hashes = [_hash_and_check_utf8(p, text=builder != "parquet") for p in files]
-    try:
-      ds = datasets.load_dataset(builder, data_files={"rows": [str(p) for p in files]},
-                                 split="rows")
-    except Exception as e:  # datasets wraps parser errors in several types
-      cause = e
-      while cause is not None and not isinstance(cause, UnicodeDecodeError):
-        cause = cause.__cause__ or cause.__context__
-      detail = (str(e).splitlines() or [""])[0]
-      what = ("is not UTF-8 text" if cause is not None
-              else f"could not be read as {builder} ({type(e).__name__}: {detail})")
-      raise UserError(f"{root} {what}; check the file format") from None
-    return ds, hashlib.sha256(json.dumps(hashes).encode()).hexdigest()
-  finally:
-    if bars:
-      datasets.enable_progress_bars()
-
-
-def _read_hub(datasets, path: str, config) -> tuple[Any, str]:
-  offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-  try:
-    ds = datasets.load_dataset(path, config.hub_config or None, split=config.split)
-  except Exception as e:  # offline, unknown id, missing config: all fixed the same way
-    why = "the hub is offline here" if offline else f"loading it failed ({type(e).__name__})"
-    raise UserError(f"data.path '{path}' looks like a hub dataset id and {why}; download it "
-                    "where there is network (datasets.load_dataset(...).to_parquet(FILE)) and "
-                    "set data.path to the local file") from None
-  return ds, ds._fingerprint
-
-
 def _require_columns(columns, needed, path) -> None:
   for col in needed:
     if col not in columns:
       raise UserError(f"column '{col}' is not in {path}; available columns: "
                       f"{', '.join(columns)}")
+
+
+def _subfields(feature) -> set[str]:
+  """Field names of a struct column, or of the structs a list column holds."""
+  inner = feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", feature)
+  return set(inner) if isinstance(inner, dict) else set()
+
+
+def _require_tldr_fields(features, path) -> None:
+  """The nested fields the tldr format reads; the hub's parquet conversion must keep them too."""
+  needed = {"info": "post", "summaries": "text", "extra": "confidence"}
+  missing = [f"{col}.{field}" for col, field in needed.items() if field not in _subfields(features[col])]
+  if missing:
+    raise UserError(f"the tldr format reads {', '.join(missing)}, which the rows of {path} lack; "
+                    "point data.path at the TL;DR comparisons (openai/summarize_from_feedback, "
+                    "config comparisons) or use format=columns")
 
 
 def _text(value, column: str, row: int) -> str:
@@ -264,6 +158,8 @@ def _rows(ds, config, tokenizer) -> Iterator[_Row]:
             "continuation": [config.text_column],
             "tldr": ["info", "summaries", "choice", "extra"]}[fmt]
   _require_columns(cols, needed + ([config.label_column] if config.label_column else []), path)
+  if fmt == "tldr":
+    _require_tldr_fields(ds.features, path)
   consumed = set(needed) if fmt != "tldr" else {"info", "summaries"}
   start = 0
   for batch in ds.iter(batch_size=_CHUNK):
@@ -314,6 +210,20 @@ class _Prompter:
     self.special = _encode(tokenizer, [""], special=True)[0]
     self.before_ids, self.after_ids = _encode(tokenizer, [self.before, self.after], special=False)
     self.room = config.max_prompt_tokens - len(self.special + self.before_ids + self.after_ids)
+    if config.format == "continuation" and self.room < config.prompt_tokens:
+      # prompt_tokens counts text tokens; the width must also hold what the tokenizer adds
+      # (Llama's BOS) and the template, or the prompt would silently lose its first tokens.
+      added = []
+      if self.special:
+        names = " ".join(tokenizer.convert_ids_to_tokens(self.special))
+        added.append(f"{len(self.special)} the policy tokenizer adds ({names})")
+      if self.before_ids or self.after_ids:
+        added.append(f"{len(self.before_ids + self.after_ids)} of data.prompt_template")
+      raise UserError(
+          f"data.max_prompt_tokens={config.max_prompt_tokens} cannot hold a continuation prompt of "
+          f"data.prompt_tokens={config.prompt_tokens} text tokens"
+          + (f" plus {' and '.join(added)}" if added else "") + "; set "
+          f"data.max_prompt_tokens={config.max_prompt_tokens - self.room + config.prompt_tokens}")
 
   def __call__(self, rows: list[_Row]) -> list[tuple[list[int], str] | None]:
     """(ids, text) per row, or None for a row that overflow="drop" drops."""
@@ -383,25 +293,18 @@ def _check_config(config, tokenizer) -> None:
     raise UserError("the policy tokenizer has no EOS token; demonstrations must end with one")
 
 
-def _tokenizer_hash(tokenizer) -> str:
-  """Covers vocabulary, merges, normalizer and special tokens: all that changes token ids."""
-  backend = getattr(tokenizer, "backend_tokenizer", None)
-  text = backend.to_str() if backend else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()
-
-
 def load_prompts(config: ml_collections.ConfigDict, tokenizer) -> PromptDataset:
   """All usable examples of config.path, built as config.format says, in file order."""
   _check_config(config, tokenizer)
-  ds, source_hash = _read(config)
+  prompter = _Prompter(config, tokenizer)  # refuses a prompt width before any data is read
+  ds, source_hash = sources.read(config)
   fields = {k: config[k] for k in (
       "split", "hub_config", "format", "prompt_column", "demo_column", "text_column",
       "label_column", "label_value", "prompt_tokens", "demo_max_tokens", "prompt_template",
       "min_confidence", "max_prompt_tokens", "prompt_overflow", "max_examples")}
-  fingerprint = hashlib.sha256(json.dumps(
-      [fields, _tokenizer_hash(tokenizer), source_hash], sort_keys=True).encode()).hexdigest()
-  prompter = _Prompter(config, tokenizer)
-  out = PromptDataset([], [], [], [], [], fingerprint)
+  key = hashlib.sha256(json.dumps(
+      [fields, fingerprint.tokenizer(tokenizer), source_hash], sort_keys=True).encode()).hexdigest()
+  out = PromptDataset([], [], [], [], [], key)
   rows = _rows(ds, config, tokenizer)
   while not config.max_examples or len(out) < config.max_examples:
     chunk = [r for _, r in zip(range(_CHUNK), rows)]
@@ -416,9 +319,26 @@ def load_prompts(config: ml_collections.ConfigDict, tokenizer) -> PromptDataset:
       out.demo_texts.append(d_text)
       out.extras.append(r.extras)
   if not out.prompt_ids:
-    raise UserError(f"no examples left in {config.path} after filtering (format={config.format}, "
-                    f"label {config.label_column or '-'}={config.label_value!r}, "
-                    f"min_confidence={config.min_confidence}); check the filters")
+    filters = _filters(config)
+    if not filters:
+      raise UserError(f"no examples in {config.path}: it holds no rows")
+    raise UserError(f"no examples left in {config.path} after filtering ({'; '.join(filters)}); "
+                    "check the filters")
+  return out
+
+
+def _filters(config) -> list[str]:
+  """The row filters this config sets, in words, for the error that says nothing passed them."""
+  out = []
+  if config.label_column:
+    out.append(f"data.label_column {config.label_column!r} == {config.label_value!r}")
+  if config.format == "continuation":
+    out.append(f"texts longer than data.prompt_tokens={config.prompt_tokens} tokens")
+  if config.format == "tldr":
+    out.append(f"a Reddit post and annotator confidence >= data.min_confidence={config.min_confidence}")
+  if config.prompt_overflow == "drop":
+    out.append(f"prompts within data.max_prompt_tokens={config.max_prompt_tokens} "
+               "(data.prompt_overflow=drop)")
   return out
 
 

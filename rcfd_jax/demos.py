@@ -2,15 +2,16 @@
 
 The demonstrations are scored by the very function that scores sampled
 completions (rcfd_jax.step.make_scorer), with the frozen initial policy and
-reward models, so R(x, y) and R(x, y_d) are comparable. The cache key joins
-the reward sources, their models, the policy's weights and tokenizer and the
-data fingerprint; a resumed or repeated run reads the file instead of
-scoring again.
+reward models, so R(x, y) and R(x, y_d) are comparable. The cache key names
+by content everything the scores depend on (`cache_key`): a resumed or
+repeated run reads the file instead of scoring again, and a model retrained
+in place, to the same shapes, misses the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rcfd_jax import data
+from rcfd_jax import data, fingerprint, words
+from rcfd_jax.models import hf
 from rcfd_jax.step import make_scorer
 
 
@@ -47,14 +49,37 @@ def score(ds, parts, frozen, rewards, tokenizer, config) -> np.ndarray:
   return np.concatenate(out, axis=0).astype(np.float32)
 
 
-def rewards_for(datasets, parts, frozen, rewards, tokenizer, config, policy_fp: str) -> list[np.ndarray]:
+def cache_key(ds, rewards, tokenizer, config) -> str:
+  """Names the demonstration rewards of `ds` by the content of all that makes them.
+
+  The policy's and the reward model's weight bytes (their digests are
+  remembered under cache_dir/digests, so multi-GB files are read once), the
+  reward function's code, the lexicons, the EOS id, the reward model's
+  tokenizer and settings, and the dataset's fingerprint (rows, data config,
+  policy tokenizer).
+  """
+  memo = Path(os.path.expanduser(config.reward.cache_dir)) / "digests"
+  clf = rewards.classifier
+  parts = dict(
+      sources=rewards.names,
+      policy=fingerprint.model_dir(hf.resolve_dir(config.policy.path), memo),
+      data=ds.fingerprint,
+      eos_id=tokenizer.eos_token_id,
+      widths=[config.data.max_prompt_tokens, config.data.demo_max_tokens],
+      dtype=config.model.dtype,
+      classifier=None if clf is None else [
+          fingerprint.model_dir(clf.model_dir, memo), clf.tokenizer_fp, clf.label_index,
+          clf.max_tokens, clf.input, clf.in_graph],
+      function=None if rewards.function is None else fingerprint.code(rewards.function),
+      lexicons={name: words.lexicons()[name.partition(":")[2]] for name in rewards.automata})
+  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def rewards_for(datasets, parts, frozen, rewards, tokenizer, config) -> list[np.ndarray]:
   """Demonstration rewards for each dataset, from the cache when present."""
   results = []
   for ds in datasets:
-    key = hashlib.sha256("|".join([
-        rewards.fingerprint(policy_fp), ds.fingerprint, str(config.data.max_prompt_tokens),
-        str(config.data.demo_max_tokens), config.model.dtype]).encode()).hexdigest()[:32]
-    f = cache_path(config.reward.cache_dir, key)
+    f = cache_path(config.reward.cache_dir, cache_key(ds, rewards, tokenizer, config))
     cached = _read(f, len(ds), len(rewards.names))
     if cached is not None:
       logging.info("demonstration rewards from cache %s", f)

@@ -21,10 +21,9 @@ and the update (the "bridge"); its time is reported as bridge_seconds.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
-import json
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rcfd_jax import models, words
+from rcfd_jax import fingerprint, models, words
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import hf
 
@@ -101,7 +100,8 @@ class Classifier:
   label_index: int
   max_tokens: int
   input: str              # "concat": RM reads prompt + completion; "pair": tokenizer(prompt, completion)
-  fingerprint: str
+  model_dir: Path         # its weights' content names its demonstration rewards in the cache
+  tokenizer_fp: str       # fingerprint.tokenizer of its tokenizer
   _forward: Any = None
 
   def logits_fn(self):
@@ -143,11 +143,6 @@ class Classifier:
     return np.asarray(self._forward(self.state, jnp.asarray(enc["input_ids"]), jnp.asarray(mask)))
 
 
-def _tokenizer_hash(tok) -> str:
-  vocab = sorted(tok.get_vocab().items())
-  return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
-
-
 def load_classifier(cfg, policy_tokenizer, mesh) -> Classifier:
   """Loads config.reward.classifier.path and decides whether it can run in the step."""
   from transformers import AutoTokenizer
@@ -166,14 +161,17 @@ def load_classifier(cfg, policy_tokenizer, mesh) -> Classifier:
       raise UserError(f"the reward model's tokenizer in {model_dir} has neither a pad nor an eos token; "
                       "set pad_token in its tokenizer_config.json")
     tok.pad_token = tok.eos_token
+  # In the step the RM reads the policy's token ids: only a tokenizer that makes the same ids
+  # from any text (vocabulary, merges, normalizer, special tokens) may skip re-tokenizing.
+  tokenizer_fp = fingerprint.tokenizer(tok)
   in_graph = (model.config.model_type in ("gpt2", "llama", "qwen2", "mistral")
-              and _tokenizer_hash(tok) == _tokenizer_hash(policy_tokenizer))
+              and tokenizer_fp == fingerprint.tokenizer(policy_tokenizer))
   graphdef, state = nnx.split(model)
   if cfg.input not in ("concat", "pair"):
     raise UserError(f"config.reward.classifier.input={cfg.input!r}; use concat or pair")
   in_graph = in_graph and cfg.input == "concat"
   return Classifier(graphdef, state, tok, in_graph, cfg.label_index, cfg.max_tokens, cfg.input,
-                    hf.dir_fingerprint(model_dir) + _tokenizer_hash(tok))
+                    model_dir, tokenizer_fp)
 
 
 def length_reward(completion_mask_bn: jax.Array) -> jax.Array:
@@ -237,16 +235,6 @@ class Rewards:
     """[B, K] reward matrix in config order."""
     xp = jnp if any(isinstance(v, jax.Array) for v in parts.values()) else np
     return xp.stack([xp.asarray(parts[n], dtype=xp.float32) for n in self.names], axis=-1)
-
-  def fingerprint(self, policy_fingerprint: str) -> str:
-    """Cache key of demonstration rewards: sources, their models, the policy's weights/tokenizer."""
-    parts = [json.dumps(self.names), policy_fingerprint]
-    if self.classifier is not None:
-      parts.append(self.classifier.fingerprint + str(self.classifier.label_index)
-                   + str(self.classifier.max_tokens) + self.classifier.input)
-    if self.function is not None:
-      parts.append(f"{self.function.__module__}.{self.function.__qualname__}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
 def build(cfg, policy_tokenizer, mesh) -> Rewards:

@@ -22,7 +22,7 @@ from absl import logging
 from flax import nnx
 
 from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, memory, metrics, models,
-                      policy as policy_lib, rewards as rewards_lib, sharding, validate)
+                      policy as policy_lib, prepare, rewards as rewards_lib, sharding, validate)
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import hf
 from rcfd_jax.step import Batch, Frozen, StepConfig, TrainState, make_rollout, make_update
@@ -99,6 +99,11 @@ class Setup:
 def build(config, workdir: Path) -> tuple[Setup, TrainState]:
   mesh = sharding.mesh_from_config(config.mesh)
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+  # The model directories before the data: a directory without tokenizer files loads as an
+  # empty tokenizer, which would surface as "no examples left" rather than as what it is.
+  hf.check_dir(hf.resolve_dir(config.policy.path), tokenizer=True)
+  if any(s.kind == "classifier" for s in rewards_lib.parse_sources(config.reward.sources)):
+    hf.check_dir(hf.resolve_dir(config.reward.classifier.path), tokenizer=True)
   tokenizer = load_tokenizer(config.policy.path)
   splits = data.load(config.data, tokenizer)
   train_ds, val_ds = splits.train, splits.validation
@@ -115,9 +120,7 @@ def build(config, workdir: Path) -> tuple[Setup, TrainState]:
   rm_state = rewards.classifier.state if rewards.classifier is not None and rewards.classifier.in_graph else None
   frozen = Frozen(parts.frozen, ref, rm_state)
   sc = StepConfig.from_config(config, tokenizer.eos_token_id, tokenizer.pad_token_id)
-  policy_fp = hf.dir_fingerprint(hf.resolve_dir(config.policy.path))
-  demo_train, demo_val = demos.rewards_for(
-      (train_ds, val_ds), parts, frozen, rewards, tokenizer, config, policy_fp)
+  demo_train, demo_val = demos.rewards_for((train_ds, val_ds), parts, frozen, rewards, tokenizer, config)
   tx = optimizer(config.optim)
   state, state_sh = init_state(config, parts.trainable, tx, mesh)
   batcher = data.Batcher(train_ds, config.rollout.prompts_per_step, config.data, tokenizer.pad_token_id)
@@ -219,6 +222,8 @@ def run(config, workdir: str) -> TrainState:
   distributed.initialize(config.distributed)
   config_lib.check(config)
   check_workdir(workdir)
+  if config.assets_dir:  # the tiny config's corpus and random models, built on first use
+    prepare.build(config.assets_dir)
   s, state = build(config, Path(workdir))
   wd = prepare_workdir(workdir)
   ckpt = checkpoint.Checkpointer(wd / "checkpoints", max_to_keep=config.checkpoint.keep)

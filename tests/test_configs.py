@@ -16,6 +16,8 @@ def test_config_is_valid_and_documented(name):
   module = importlib.import_module(f"configs.{name}")
   c = module.get_config()
   config_lib.check(c)
+  # Both count the EOS: no demonstration outgrows the longest completion.
+  assert c.data.demo_max_tokens <= c.rollout.max_new_tokens
   assert f"--config=configs/{name}.py" in module.__doc__
   # Locked like the CLI locks it: a misspelt field is refused.
   c.lock()

@@ -87,6 +87,39 @@ def test_continuation_splits_at_exactly_n_tokens_with_label_filter(reviews, tok)
     assert ds.prompt_texts[i] + ds.demo_texts[i] == positive[i]["text"]
 
 
+def _bos_tokenizer():
+  """A word-level tokenizer that adds BOS to every encoding, as Llama's does."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  from transformers import PreTrainedTokenizerFast
+  words = ["<pad>", "<s>", "</s>", "<unk>"] + "a the film was good bad very long story".split()
+  t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  t.pre_tokenizer = pre_tokenizers.Whitespace()
+  t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+  return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>",
+                                 unk_token="<unk>", pad_token="<pad>")
+
+
+def test_continuation_prompt_keeps_its_first_token_under_a_tokenizer_that_adds_bos(tmp_path):
+  bos = _bos_tokenizer()
+  text = "the film was very good a long story"
+  path = _jsonl(tmp_path / "r.jsonl", [{"text": text}] * 3)
+  with pytest.raises(UserError, match=r"max_prompt_tokens=4 cannot hold .*prompt_tokens=4 text tokens "
+                                      r"plus 1 the policy tokenizer adds \(<s>\); set "
+                                      r"data.max_prompt_tokens=5"):
+    data.load_prompts(_cfg(path, format="continuation", prompt_tokens=4, max_prompt_tokens=4), bos)
+  ds = data.load_prompts(_cfg(path, format="continuation", prompt_tokens=4, max_prompt_tokens=5), bos)
+  assert ds.prompt_ids[0] == [bos.bos_token_id] + _enc(bos, "the film was very")
+  assert ds.prompt_texts[0] == "the film was very"
+  assert ds.demo_ids[0] == _enc(bos, "good a long story") + [bos.eos_token_id]
+
+
+def test_presets_leave_room_for_bos():
+  import importlib
+  for name in ("imdb", "wiki_seqll"):
+    c = importlib.import_module(f"configs.{name}").get_config().data
+    assert c.max_prompt_tokens == c.prompt_tokens + 1, name
+
+
 def test_continuation_truncates_demonstration_and_appends_eos(reviews, tok):
   ds = data.load_prompts(_cfg(reviews, format="continuation", prompt_tokens=4,
                               max_prompt_tokens=8, demo_max_tokens=6), tok)
@@ -254,10 +287,15 @@ def test_missing_column_names_available_ones(tmp_path, tok):
     data.load_prompts(_cfg(path, label_column="stars", label_value="5"), tok)
 
 
-def test_empty_after_filtering(reviews, tok):
-  with pytest.raises(UserError, match="no examples left"):
+def test_empty_after_filtering_names_only_the_filters_the_config_sets(reviews, tmp_path, tok):
+  with pytest.raises(UserError, match="no examples left") as e:
     data.load_prompts(_cfg(reviews, format="continuation", label_column="label",
                            label_value="lukewarm"), tok)
+  assert "'label' == 'lukewarm'" in str(e.value) and "prompt_tokens=10" in str(e.value)
+  assert "confidence" not in str(e.value) and "format=" not in str(e.value)
+  path = _jsonl(tmp_path / "qa.jsonl", [dict(r, kind="qa") for r in QA])
+  with pytest.raises(UserError, match=r"after filtering \(data.label_column 'kind' == 'chat'\);") as e:
+    data.load_prompts(_cfg(path, label_column="kind", label_value="chat"), tok)
 
 
 def test_empty_demonstration(tmp_path, tok):
@@ -291,3 +329,58 @@ def test_hub_id_offline_fails_fast(tok, monkeypatch):
     data.load_prompts(_cfg("openai/summarize_from_feedback", format="tldr",
                            hub_config="comparisons"), tok)
   assert time.perf_counter() - start < 5
+
+
+def _tldr_rows():
+  """Rows as the hub's parquet conversion of openai/summarize_from_feedback (comparisons) holds them."""
+  return [{"info": {"id": f"p{i}", "post": f"My cat keeps waking me up, night {i}.", "title": "cat",
+                    "subreddit": "pets", "site": None, "article": None},
+           "summaries": [{"text": f" bad summary {i}", "policy": "a", "note": None},
+                         {"text": f" cat wakes me {i}", "policy": "b", "note": None}],
+           "choice": 1, "worker": "w", "batch": "b0", "split": "train",
+           "extra": {"confidence": 5 + i % 3}} for i in range(6)]
+
+
+@pytest.fixture
+def script_only_hub(monkeypatch):
+  """A stand-in hub where the dataset ships a loading script; the parquet branch holds the rows."""
+  import datasets
+  calls = []
+
+  def load_dataset(path, name=None, split=None, revision=None, **kw):
+    calls.append((path, name, split, revision))
+    if revision != "refs/convert/parquet":
+      raise RuntimeError("Dataset scripts are no longer supported, but found summarize_from_feedback.py")
+    if name != "comparisons":
+      raise ValueError(f"BuilderConfig '{name}' not found")
+    return datasets.Dataset.from_list(_tldr_rows())
+
+  monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+  monkeypatch.setattr(datasets, "get_dataset_config_names", lambda path, revision=None: ["axis", "comparisons"])
+  return calls
+
+
+def test_hub_dataset_with_a_loading_script_reads_the_parquet_conversion(script_only_hub, tok, caplog):
+  cfg = _cfg("openai/summarize_from_feedback", format="tldr", hub_config="comparisons",
+             prompt_template="Summarize: {prompt}", max_prompt_tokens=64)
+  with caplog.at_level("WARNING"):
+    ds = data.load_prompts(cfg, tok)
+  assert script_only_hub[-1] == ("openai/summarize_from_feedback", "comparisons", "train",
+                                 "refs/convert/parquet")
+  assert ds.demo_texts == [f" cat wakes me {i}" for i in range(6)]
+  assert ds.prompt_texts[0] == "Summarize: My cat keeps waking me up, night 0."
+  said = [r.getMessage() for r in caplog.records if "refs/convert/parquet" in r.getMessage()]
+  assert len(said) == 1 and "loading script" in said[0] and "config comparisons" in said[0]
+
+
+def test_hub_dataset_with_a_loading_script_fails_in_one_line_naming_the_revision(script_only_hub, tok):
+  cfg = _cfg("openai/summarize_from_feedback", format="tldr", hub_config="")
+  with pytest.raises(UserError, match=r"parquet conversion \(revision refs/convert/parquet\) has no "
+                                      r"config '' but axis, comparisons; set data.hub_config"):
+    data.load_prompts(cfg, tok)
+
+
+def test_tldr_rows_without_the_fields_it_reads(tmp_path, tok):
+  rows = [dict(r, extra={"score": 1}) for r in _tldr_rows()]
+  with pytest.raises(UserError, match=r"the tldr format reads extra.confidence, which the rows"):
+    data.load_prompts(_cfg(_jsonl(tmp_path / "c.jsonl", rows), format="tldr"), tok)

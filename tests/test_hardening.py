@@ -97,6 +97,19 @@ def test_policy_tokenizer_without_eos(tiny_assets, tmp_path):
   _refused(c, tmp_path / "run", tmp_path / "cache", "has no eos token; set eos_token in its tokenizer_config.json")
 
 
+def test_policy_directory_with_only_a_pickle_and_no_tokenizer_is_named_before_the_data(tiny_assets, tmp_path):
+  d = tmp_path / "policy"
+  d.mkdir()
+  shutil.copy(Path(tiny_assets) / "policy" / "config.json", d)
+  (d / "pytorch_model.bin").write_bytes(b"a pickle is never opened")
+  c = tiny_config(tiny_assets, tmp_path / "cache", **{"policy.path": str(d)})
+  _refused(c, tmp_path / "run", tmp_path / "cache",
+           r"policy holds only pickle checkpoints \(pytorch_model.bin\).*convert them to safetensors.*"
+           r"; and it has no tokenizer files \(tokenizer.json, .*\): save its tokenizer into it")
+  shutil.copy(Path(tiny_assets) / "policy" / "model.safetensors", d)
+  _refused(c, tmp_path / "run", tmp_path / "cache", r"policy has no tokenizer files")
+
+
 def test_policy_tokenizer_without_pad_pads_with_eos(tiny_assets, tmp_path):
   tok = train.load_tokenizer(str(_policy_copy(tiny_assets, tmp_path, pad_token=None)))
   assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
@@ -151,7 +164,12 @@ def test_demonstrations_longer_than_the_budget_warn(caplog):
     config_lib.check(c)
   assert any("longer than the generation budget" in r.getMessage() for r in caplog.records)
   caplog.clear()
-  c.data.demo_max_tokens = 9  # 8 tokens + EOS: exactly the budget
+  c.data.demo_max_tokens = 9  # 8 tokens + EOS against completions of 7 tokens + EOS: one too long
+  with caplog.at_level("WARNING"):
+    config_lib.check(c)
+  assert any("longer than the generation budget" in r.getMessage() for r in caplog.records)
+  caplog.clear()
+  c.data.demo_max_tokens = 8  # 7 tokens + EOS: exactly the budget
   with caplog.at_level("WARNING"):
     config_lib.check(c)
   assert not any("generation budget" in r.getMessage() for r in caplog.records)
@@ -215,7 +233,7 @@ def test_package_reads_no_pickle_and_runs_no_remote_code():
 
 
 def test_config_fields_that_name_paths_are_known():
-  """Only reward.cache_dir is written outside --workdir; a new output path must be reviewed here."""
+  """Only reward.cache_dir and assets_dir are written outside --workdir; a new output path must be reviewed here."""
   c = config_lib.base()
   paths = set()
 
@@ -228,7 +246,7 @@ def test_config_fields_that_name_paths_are_known():
 
   walk(c, "")
   read_only = {"policy.path", "data.path", "reward.classifier.path"}
-  assert paths == read_only | {"reward.cache_dir"}, paths
+  assert paths == read_only | {"reward.cache_dir", "assets_dir"}, paths
 
 
 # -------------------------------------------------------------------------------- faults

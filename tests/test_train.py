@@ -239,3 +239,14 @@ def test_unwritable_workdir_is_one_error_line(tiny_assets, env, tmp_path):
   assert len(errors) == 1 and "workdir" in errors[0] and "not a directory" in errors[0], proc.stderr[-3000:]
   assert blocker.read_text() == "not a directory"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_main_on_a_fresh_clone_builds_the_tiny_assets_first(env, tmp_path):
+  """The README's first command, in a directory without build/tiny: the config builds it."""
+  fast = {**FAST, "total_steps": 1, "eval.every_steps": 1, "checkpoint.every_steps": 1}
+  args = [f"--config={REPO / 'configs' / 'tiny.py'}", "--workdir=runs/tiny",
+          f"--config.reward.cache_dir={tmp_path / 'cache'}"] + [f"--config.{k}={v}" for k, v in fast.items()]
+  proc = subprocess.run(main_cmd(args), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / "build" / "tiny" / "policy" / "model.safetensors").is_file()
+  assert [r["step"] for r in read_metrics(tmp_path / "runs" / "tiny")] == [1]

@@ -11,7 +11,6 @@ write a directory transformers loads back.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,10 @@ import numpy as np
 from rcfd_jax.errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Any one of these makes a directory hold a tokenizer (fast JSON, BPE, WordPiece, SentencePiece);
+# without one transformers builds an empty tokenizer that turns every text into no ids.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spm.model",
+                   "sentencepiece.bpe.model")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -114,31 +117,56 @@ def read_config(model_dir: Path) -> dict[str, Any]:
   return cfg
 
 
+def _weights_problem(model_dir: Path) -> str | None:
+  """What keeps the directory's weights from loading, or None when safetensors are there."""
+  others = sorted(p.name for p in model_dir.glob("*.safetensors"))
+  if (model_dir / "model.safetensors.index.json").is_file() or "model.safetensors" in others \
+      or len(others) == 1:
+    return None
+  if others:
+    return (f"holds {len(others)} safetensors files but no model.safetensors.index.json that says "
+            "which tensor is in which")
+  pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+  if pickles:
+    return (f"holds only pickle checkpoints ({', '.join(pickles)}), which are never loaded because "
+            "unpickling runs code: convert them to safetensors (model.save_pretrained(dir, "
+            "safe_serialization=True) in transformers)")
+  return "has no model.safetensors or model.safetensors.index.json"
+
+
+def check_dir(model_dir: Path, *, tokenizer: bool) -> None:
+  """Refuses a model directory that cannot load, in one error naming everything wrong with it.
+
+  Run before any data is read, so a bad directory is not reported as a data
+  problem (an empty tokenizer makes every text too short to use).
+  """
+  model_dir = Path(model_dir)
+  read_config(model_dir)
+  problems = [_weights_problem(model_dir)]
+  if tokenizer and not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+    problems.append(f"has no tokenizer files ({', '.join(TOKENIZER_FILES)}): save its tokenizer "
+                    "into it (tokenizer.save_pretrained(dir))")
+  problems = [p for p in problems if p]
+  if problems:
+    raise UserError(f"{model_dir} " + "; and it ".join(problems))
+
+
 class WeightReader:
   """Reads tensors by name from the safetensors files of a directory."""
 
   def __init__(self, model_dir: Path):
     model_dir = Path(model_dir)
+    problem = _weights_problem(model_dir)
+    if problem:
+      raise UserError(f"{model_dir} {problem}")
     index = model_dir / "model.safetensors.index.json"
     single = model_dir / "model.safetensors"
     if index.is_file():
       weight_map = json.loads(index.read_text())["weight_map"]
       self.files = {name: model_dir / f for name, f in weight_map.items()}
-    elif single.is_file():
+    else:  # model.safetensors, or the one safetensors file there is
       self.files = None
-      self.single = single
-    else:
-      other = sorted(p.name for p in model_dir.glob("*.safetensors"))
-      pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-      if len(other) == 1:
-        self.files, self.single = None, model_dir / other[0]
-      elif pickles:
-        raise UserError(
-            f"{model_dir} holds only pickle checkpoints ({', '.join(pickles)}), which are never loaded "
-            "because unpickling runs code; convert them to safetensors (model.save_pretrained(dir, "
-            "safe_serialization=True) in transformers)")
-      else:
-        raise UserError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
+      self.single = single if single.is_file() else next(model_dir.glob("*.safetensors"))
     self._handles: dict[Path, Any] = {}
 
   def _open(self, f: Path):
@@ -179,18 +207,3 @@ def strip_prefix(names: set[str], prefixes: tuple[str, ...]) -> str:
 def bf16_to_float(x: np.ndarray) -> np.ndarray:
   """safetensors returns bfloat16 as ml_dtypes.bfloat16; widen for host transforms."""
   return x.astype(np.float32) if x.dtype.name == "bfloat16" else x
-
-
-def dir_fingerprint(model_dir: Path) -> str:
-  """Cheap identity of a model directory: config plus safetensors headers and sizes.
-
-  Used in cache keys; reading the headers (not gigabytes of weights) keeps it fast.
-  """
-  model_dir = Path(model_dir)
-  h = hashlib.sha256((model_dir / "config.json").read_bytes())
-  for f in sorted(model_dir.glob("*.safetensors")):
-    with open(f, "rb") as fh:
-      n = int.from_bytes(fh.read(8), "little")
-      h.update(fh.read(min(n, 1 << 20)))
-    h.update(str(f.stat().st_size).encode())
-  return h.hexdigest()[:16]
