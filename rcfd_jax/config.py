@@ -13,7 +13,7 @@ from absl import logging
 from rcfd_jax import data
 from rcfd_jax.errors import UserError
 
-OBJECTIVES = ("max", "kl", "weighted", "rcfd")
+OBJECTIVES = ("max", "kl", "weighted", "rcfd", "rcfd_group")
 ALGORITHMS = ("reinforce", "ppo")
 
 
@@ -60,7 +60,7 @@ def base() -> ml_collections.ConfigDict:
   c.reward.function.module = ""     # module imported first so it can register its functions
 
   c.rl = ml_collections.ConfigDict()
-  c.rl.objective = "rcfd"           # max | kl | weighted | rcfd
+  c.rl.objective = "rcfd"           # max | kl | weighted | rcfd (paper) | rcfd_group (calibrates each prompt's mean)
   c.rl.algorithm = "reinforce"      # reinforce | ppo
   c.rl.baseline = "whiten"          # advantage: whiten (paper) | loo | none | gae (value head, GAE)
   c.rl.beta = 0.0                   # KL coefficient for objective=kl (initial value when adaptive)
@@ -109,6 +109,8 @@ def base() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 50           # evaluation period; also run at the end
   c.eval.num_prompts = 64           # validation prompts per evaluation
+  c.eval.samples_per_prompt = 1     # completions per prompt; >= 2 adds the within-prompt spread monitors
+                                    # and rcfd_group's value (per-sample metrics read the first one)
   c.eval.temperature = 1.0          # sampling temperature for evaluation
   c.eval.bins = 20                  # histogram bins for the alignment metric
   return c
@@ -156,6 +158,12 @@ def check(c: ml_collections.ConfigDict) -> None:
   need(k >= 1, "config.rollout.samples_per_prompt must be >= 1")
   need(not (c.rl.baseline == "loo" and k < 2),
        "config.rl.baseline=loo needs config.rollout.samples_per_prompt >= 2")
+  if c.rl.objective == "rcfd_group":
+    need(k >= 2, f"config.rl.objective=rcfd_group compares each sample with the prompt's other samples: "
+         f"set config.rollout.samples_per_prompt >= 2 (it is {k})")
+    need(c.rl.baseline in ("whiten", "none"),
+         f"config.rl.objective=rcfd_group is its own leave-one-out advantage: set config.rl.baseline "
+         f"to whiten or none (it is {c.rl.baseline})")
   if c.rl.objective == "weighted":
     need(len(c.rl.alpha) == len(c.reward.sources),
          f"config.rl.alpha has {len(c.rl.alpha)} weights for {len(c.reward.sources)} reward sources")
@@ -167,6 +175,7 @@ def check(c: ml_collections.ConfigDict) -> None:
   if c.rl.algorithm == "reinforce":
     need(c.rl.ppo.epochs == 1, "config.rl.ppo.epochs > 1 needs config.rl.algorithm=ppo")
   need(c.checkpoint.every_steps > 0 and c.eval.every_steps > 0, "checkpoint/eval every_steps must be positive")
+  need(c.eval.samples_per_prompt >= 1, "config.eval.samples_per_prompt must be >= 1")
   if c.data.demo_max_tokens > c.rollout.max_new_tokens + 1:
     # Demonstrations are truncated to demo_max_tokens (EOS included), as the paper truncates
     # them to the generation budget; a longer cap lets y_d outgrow every completion.

@@ -162,6 +162,47 @@ def summarize(rewards: Mapping[str, Any], demo_rewards: Mapping[str, Any],
   return result
 
 
+def group_summary(rewards_pg: Mapping[str, Any], demo_rewards_p: Mapping[str, Any],
+                  tol: float = 1e-6) -> dict[str, float]:
+  """Calibration and collapse monitors from G samples per validation prompt.
+
+  Args:
+    rewards_pg: reward source name -> [P, G] rewards of G completions per prompt.
+    demo_rewards_p: the same names -> [P] rewards of each prompt's demonstration.
+    tol: two rewards closer than tol * (1 + |mean|) count as the same score.
+
+  Returns, per source as "<metric>/<source>" and for the first source also
+  under the plain key:
+    prompt_corr: corr over prompts of the mean reward of the prompt's
+      completions with R_d. How far the policy's reward follows each
+      demonstration's (0: it only matches their distribution as a whole).
+    with G >= 2 also
+    within_prompt_std: root mean within-prompt variance (ddof 1);
+    tied_frac: fraction of prompts whose G completions all score the same;
+    rcfd_group_reward_mean: mean over prompts of the unbiased estimate of
+      -(E[R|x] - R_d)^2, the value the rcfd_group objective climbs.
+  """
+  result: dict[str, float] = {}
+  for i, name in enumerate(rewards_pg):
+    r = np.asarray(rewards_pg[name], dtype=np.float64)
+    d = _as_1d(f"demo_rewards_p[{name!r}]", demo_rewards_p[name])
+    if r.ndim != 2 or r.shape[0] != d.size:
+      raise ValueError(f"rewards_pg[{name!r}] has shape {r.shape}; want [{d.size}, G]")
+    mean_p = r.mean(axis=1)
+    both_vary = mean_p.std() > 0 and d.std() > 0
+    source = {"prompt_corr": float(np.corrcoef(mean_p, d)[0, 1]) if both_vary else 0.0}
+    g = r.shape[1]
+    if g >= 2:
+      var_p = r.var(axis=1, ddof=1)
+      tied_p = r.max(axis=1) - r.min(axis=1) <= tol * (1.0 + np.abs(mean_p))
+      source.update(within_prompt_std=float(np.sqrt(var_p.mean())), tied_frac=float(tied_p.mean()),
+                    rcfd_group_reward_mean=float(-np.mean((mean_p - d) ** 2 - var_p / g)))
+    if i == 0:
+      result.update(source)
+    result.update({f"{key}/{name}": value for key, value in source.items()})
+  return result
+
+
 def _jsonable(x: Any) -> Any:
   """Plain JSON values: numpy scalars/arrays to Python, non-finite to null."""
   if isinstance(x, Mapping):
@@ -223,17 +264,62 @@ def _logprob_plot(curve: np.ndarray, step: int, path: str) -> None:
   _save_figure(fig, path)
 
 
+def _calibration_plot(prompt_mean_rewards, demo_rewards, step: int, path: str) -> None:
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  fig = Figure(figsize=(5, 5))
+  ax = fig.add_subplot()
+  d, m = np.asarray(demo_rewards).reshape(-1), np.asarray(prompt_mean_rewards).reshape(-1)
+  ax.scatter(d, m, s=6, alpha=0.5)
+  lo, hi = float(min(d.min(), m.min())), float(max(d.max(), m.max()))
+  ax.plot([lo, hi], [lo, hi], color="k", lw=1, ls="--", label="calibrated per prompt")
+  ax.axhline(float(d.mean()), color="gray", lw=1, ls=":", label="demonstrations' mean")
+  ax.set_xlabel("demonstration reward R_d")
+  ax.set_ylabel("mean reward of the prompt's completions")
+  ax.set_title(f"Per-prompt calibration at step {step}")
+  ax.legend(fontsize=8)
+  _save_figure(fig, path)
+
+
+MONITORS = ("entropy", "within_prompt_std", "tied_frac", "prompt_corr")
+
+
+def _monitor_plot(out_dir: str, path: str) -> None:
+  """The collapse monitors of every evaluation so far, against the step."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  records = []
+  for name in os.listdir(out_dir):
+    if name.startswith("step_") and name.endswith(".json"):
+      with open(os.path.join(out_dir, name), encoding="utf-8") as f:
+        records.append(json.load(f))
+  records.sort(key=lambda r: r["step"])
+  fig = Figure(figsize=(4 * len(MONITORS), 3.5))
+  for ax, key in zip(fig.subplots(1, len(MONITORS)), MONITORS):
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    if points:
+      ax.plot(*zip(*points), marker="o")
+    ax.set_title(key)
+    ax.set_xlabel("step")
+  fig.tight_layout()
+  _save_figure(fig, path)
+
+
 def write_eval(workdir: str | os.PathLike, step: int, result: Mapping[str, Any], *,
                logp_bt: Any = None, mask_bt: Any = None,
-               policy_rewards: Any = None, demo_rewards: Any = None, bins: int = 20) -> list[str]:
+               policy_rewards: Any = None, demo_rewards: Any = None, bins: int = 20,
+               prompt_mean_rewards: Any = None) -> list[str]:
   """Writes DIR/eval/step_N.json and the plots whose inputs are given.
 
   Call it on one process only. Plots: step_N_rewards.png (policy vs
   demonstration reward histograms, on the bins Alignment A uses) when both
-  reward arrays are given; step_N_logprob.png (logprob_by_position) when
-  logp_bt and mask_bt are. The curve is also stored in the JSON under
-  "logprob_by_position". Every file is written to a temporary name and
-  renamed, so a crash never leaves a truncated file.
+  reward arrays are given; step_N_calibration.png (each prompt's mean reward
+  against its R_d) when prompt_mean_rewards and demo_rewards are;
+  step_N_logprob.png (logprob_by_position) when logp_bt and mask_bt are; and
+  monitors.png, the collapse monitors (MONITORS) of every evaluation so far.
+  The curve is also stored in the JSON under "logprob_by_position". Every
+  file is written to a temporary name and renamed, so a crash never leaves a
+  truncated file.
 
   Returns:
     The paths written, JSON first.
@@ -261,8 +347,15 @@ def write_eval(workdir: str | os.PathLike, step: int, result: Mapping[str, Any],
     path = os.path.join(out_dir, f"step_{step}_rewards.png")
     _reward_histogram(policy_rewards, demo_rewards, bins, step, path)
     paths.append(path)
+  if prompt_mean_rewards is not None and demo_rewards is not None:
+    path = os.path.join(out_dir, f"step_{step}_calibration.png")
+    _calibration_plot(prompt_mean_rewards, demo_rewards, step, path)
+    paths.append(path)
   if curve is not None:
     path = os.path.join(out_dir, f"step_{step}_logprob.png")
     _logprob_plot(curve, step, path)
     paths.append(path)
+  path = os.path.join(out_dir, "monitors.png")
+  _monitor_plot(out_dir, path)
+  paths.append(path)
   return paths

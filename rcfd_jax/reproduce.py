@@ -206,7 +206,7 @@ def predictability(s, rollout, state, n: int, samples: int = PREDICTABILITY_SAMP
   rewards = []
   for k in range(samples):  # a new sampling key per pass: the step folds into the key
     g = validate.generate(s, rollout, state.replace(step=state.step + k), s.val, s.demo_val, n)
-    rewards.append(g["rewards"][:, 0])
+    rewards.append(g["rewards"][:, 0, 0])
   r, demo = np.stack(rewards, axis=1), g["demo"][:, 0]
   mean = r.mean(axis=1)
   return {"prompt_corr": float(np.corrcoef(mean, demo)[0, 1]),

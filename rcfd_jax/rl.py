@@ -196,6 +196,96 @@ def rcfd(reward_bk: Array, demo_reward_bk: Array, whiten: bool | None = None,
   return jnp.sum(calibrated_bk, axis=-1)
 
 
+def rcfd_group(reward_pgk: Array, demo_reward_pk: Array, eps: float = 1e-8) -> Array:
+  """[P, G] advantages that calibrate each prompt's mean reward, not its spread.
+
+  Over the G samples of one prompt, E[-(R - R_d)^2] = -(E[R|x] - R_d)^2 - Var(R|x):
+  rcfd's per-sample reward also pays the policy for scoring every sample
+  alike, which collapses the text wherever the prompt does not predict R_d.
+  This is the unbiased leave-one-out policy gradient of the first term
+  alone. With m_-i the mean reward of the prompt's other G - 1 samples,
+
+    A_i = -(m_-i - R_d) * (R_i - m_-i).
+
+  m_-i does not depend on sample i, so E[A_i grad log pi(y_i)] is
+  -(E[R|x] - R_d) * grad E[R|x], half the gradient of -(E[R|x] - R_d)^2:
+  samples above the prompt's mean are pushed up when the mean is below the
+  demonstration's reward and down when above, and the push fades as the mean
+  reaches R_d. The prompt's spread is left free.
+
+  Several components (K > 1): each is divided by the batch std of the
+  policy's rewards of that component (demonstration rewards too) before
+  calibrating, then the advantages are summed; the result is invariant to
+  rescaling any one reward, as the paper's whitened sum is.
+
+  Args:
+    reward_pgk: [P, G, K] (or [P, G]) rewards of G >= 2 completions per prompt.
+    demo_reward_pk: [P, K] (or [P]) rewards of each prompt's demonstration.
+    eps: added to the batch std before dividing (K > 1).
+  """
+  reward_pgk = jnp.asarray(reward_pgk, jnp.float32)
+  demo_reward_pk = jnp.asarray(demo_reward_pk, jnp.float32)
+  if reward_pgk.ndim == 2:
+    reward_pgk, demo_reward_pk = reward_pgk[..., None], demo_reward_pk[..., None]
+  g = reward_pgk.shape[1]
+  if g < 2:
+    raise ValueError(f"rcfd_group needs at least 2 samples per prompt, got {g}")
+  if reward_pgk.shape[-1] > 1:
+    scale_k = jnp.std(reward_pgk, axis=(0, 1)) + eps
+    reward_pgk, demo_reward_pk = reward_pgk / scale_k, demo_reward_pk / scale_k
+  others_pgk = (jnp.sum(reward_pgk, axis=1, keepdims=True) - reward_pgk) / (g - 1)
+  adv_pgk = -(others_pgk - demo_reward_pk[:, None, :]) * (reward_pgk - others_pgk)
+  return jnp.sum(adv_pgk, axis=-1)
+
+
+def group_value(reward_pgk: Array, demo_reward_pk: Array) -> Array:
+  """[P, K] unbiased estimate of -(E[R|x] - R_d)^2 from G >= 2 samples per prompt.
+
+  (mean - R_d)^2 overestimates (E[R|x] - R_d)^2 by Var(R|x) / G; the
+  unbiased sample variance divided by G removes that. This is the value the
+  rcfd_group objective climbs, as -(R - R_d)^2 is rcfd's.
+  """
+  reward_pgk = jnp.asarray(reward_pgk, jnp.float32)
+  demo_reward_pk = jnp.asarray(demo_reward_pk, jnp.float32)
+  if reward_pgk.ndim == 2:
+    reward_pgk, demo_reward_pk = reward_pgk[..., None], demo_reward_pk[..., None]
+  g = reward_pgk.shape[1]
+  mean_pk = jnp.mean(reward_pgk, axis=1)
+  var_pk = jnp.var(reward_pgk, axis=1, ddof=1)
+  return -(jnp.square(mean_pk - demo_reward_pk) - var_pk / g)
+
+
+def group_spread(reward_pgk: Array, tol: float = 1e-6) -> tuple[Array, Array]:
+  """Collapse monitors per reward component, over prompts with G >= 2 samples.
+
+  Returns:
+    (within_std_k, tied_frac_k): the root mean within-prompt variance
+    (unbiased, ddof 1) of the rewards, and the fraction of prompts whose G
+    samples all score the same (range <= tol * (1 + |mean|)). A policy
+    collapsing onto one text per prompt drives the first to 0 and the second
+    to 1.
+  """
+  reward_pgk = jnp.asarray(reward_pgk, jnp.float32)
+  if reward_pgk.ndim == 2:
+    reward_pgk = reward_pgk[..., None]
+  within_std_k = jnp.sqrt(jnp.mean(jnp.var(reward_pgk, axis=1, ddof=1), axis=0))
+  range_pk = jnp.max(reward_pgk, axis=1) - jnp.min(reward_pgk, axis=1)
+  tied_pk = range_pk <= tol * (1.0 + jnp.abs(jnp.mean(reward_pgk, axis=1)))
+  return within_std_k, jnp.mean(tied_pk.astype(jnp.float32), axis=0)
+
+
+def token_entropy(logits_btv: Array) -> Array:
+  """[B, T] entropy of softmax(logits) per position, in float32 nats.
+
+  H = logsumexp(l) - sum_v p_v l_v, written as two reductions over the
+  vocabulary so that XLA fuses them and no [B, T, V] log-softmax is stored.
+  """
+  logits_btv = logits_btv.astype(jnp.float32)
+  lse_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+  p_btv = jnp.exp(logits_btv - lse_bt[..., None])
+  return lse_bt - jnp.sum(p_btv * logits_btv, axis=-1)
+
+
 # ----------------------------------------------------------------------------
 # Adaptive KL coefficient (Ziegler et al. 2019), as a pure state update.
 

@@ -78,7 +78,7 @@ class StepConfig:
   top_p: float
   eos_id: int
   pad_id: int
-  objective: str           # max | kl | weighted | rcfd
+  objective: str           # max | kl | weighted | rcfd | rcfd_group
   algorithm: str           # reinforce | ppo
   baseline: str            # whiten | loo | none | gae (value head)
   kl_estimator: str        # k1 | k2 | k3
@@ -204,6 +204,10 @@ def objective(sc: StepConfig, reward_rk, demo_rk, seq_kl_r, beta):
     return rl.weighted(reward_rk, jnp.asarray(sc.alpha, jnp.float32))
   if sc.objective == "rcfd":
     return rl.rcfd(reward_rk, demo_rk)
+  if sc.objective == "rcfd_group":  # already an advantage: centred within each prompt's group
+    k = sc.samples_per_prompt
+    demo_pk = demo_rk.reshape(-1, k, demo_rk.shape[-1])[:, 0]
+    return rl.rcfd_group(reward_rk.reshape(-1, k, reward_rk.shape[-1]), demo_pk).reshape(-1)
   raise ValueError(sc.objective)
 
 
@@ -239,6 +243,8 @@ def make_update(parts: PolicyParts, rewards: Rewards, tx: optax.GradientTransfor
       loss, aux = rl.ppo_policy_loss(logp, mb["logp"], mb["adv"], mask, sc.clip_eps, sc.loss_agg)
     else:
       loss, aux = rl.reinforce_policy_loss(logp, mb["adv"], mask, sc.loss_agg), {}
+    # The policy's mean token entropy on its own completions: falls as the text collapses.
+    aux = dict(aux, entropy=rl.masked_mean(rl.token_entropy(jax.lax.stop_gradient(logits)), mask))
     if sc.baseline == "gae":
       vl, vaux = rl.value_loss(values, mb["values"], mb["returns"], mask, sc.value_clip, sc.loss_agg)
       loss, aux = loss + sc.vf_coef * vl, dict(aux, **vaux, value_loss=vl)
@@ -327,6 +333,11 @@ def make_update(parts: PolicyParts, rewards: Rewards, tx: optax.GradientTransfor
     for i, name in enumerate(rewards.names):
       metrics[f"reward/{name}"] = reward_rk[:, i].mean()
       metrics[f"demo_reward/{name}"] = ro.demo_reward[:, i].mean()
+    if sc.samples_per_prompt >= 2:  # collapse monitors: each prompt's k samples scoring alike
+      within_k, tied_k = rl.group_spread(reward_rk.reshape(-1, sc.samples_per_prompt, reward_rk.shape[-1]))
+      for i, name in enumerate(rewards.names):
+        metrics[f"reward_within_prompt_std/{name}"] = within_k[i]
+        metrics[f"reward_tied_frac/{name}"] = tied_k[i]
     metrics.update({k: v.mean() for k, v in logs.items()})
     return new_state, metrics
 

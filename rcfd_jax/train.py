@@ -160,7 +160,8 @@ def compile_steps(s: Setup) -> Steps:
   frozen_sh = jax.tree.map(lambda x: x.sharding, s.frozen)
   rollout = make_rollout(s.parts, s.rewards, s.sc)
   update = make_update(s.parts, s.rewards, s.tx, s.sc)
-  eval_sc = dataclasses.replace(s.sc, samples_per_prompt=1, temperature=s.config.eval.temperature,
+  eval_sc = dataclasses.replace(s.sc, samples_per_prompt=s.config.eval.samples_per_prompt,
+                                temperature=s.config.eval.temperature,
                                 metrics_every=1)  # evaluation reports the KL: always the reference
   eval_rollout = jax.jit(make_rollout(s.parts, s.rewards, eval_sc), in_shardings=(state_sh, frozen_sh, None))
   if not s.rewards.needs_host:

@@ -1,11 +1,15 @@
 """Evaluation on validation prompts: sample, score, compare with the demonstrations.
 
 Writes DIR/eval/step_N.json (reward per source, the demonstrations' mean,
-Alignment A, RCfD's reward -(R - R_d)^2, distinct-1/2, length, KL to pi_0, a
-few samples) and PNG plots
-(reward histogram of policy vs demonstrations; log-likelihood by position).
-The rollout used here is the training rollout compiled once more with one
-sample per prompt and the evaluation temperature (train.compile_steps).
+Alignment A, RCfD's reward -(R - R_d)^2, distinct-1/2, length, KL to pi_0,
+the calibration and collapse monitors of evaluation.group_summary, a few
+samples) and PNG plots (reward histogram of policy vs demonstrations;
+log-likelihood by position; per-prompt mean reward against R_d).
+The rollout used here is the training rollout compiled once more with
+eval.samples_per_prompt samples per prompt and the evaluation temperature
+(train.compile_steps). The per-sample metrics (reward, A, distinct-n, length,
+KL) read the first sample of each prompt, so they do not depend on
+eval.samples_per_prompt; the group monitors read all of them.
 """
 
 from __future__ import annotations
@@ -17,29 +21,35 @@ import numpy as np
 
 from rcfd_jax import evaluation, rl
 
+
 def generate(s, rollout, state, ds, demo: np.ndarray, num_prompts: int) -> dict[str, np.ndarray | list]:
-  """Completions and rewards for the first num_prompts prompts of `ds`, batch by batch."""
+  """Completions and rewards for the first num_prompts prompts of `ds`, batch by batch.
+
+  Arrays are [n, k, ...]: k = eval.samples_per_prompt completions per prompt;
+  "demo" is [n, K].
+  """
   from rcfd_jax import data, train
-  b = s.config.rollout.prompts_per_step
+  b, k = s.config.rollout.prompts_per_step, s.config.eval.samples_per_prompt
   n = min(num_prompts, len(ds))
   batcher = data.Batcher(ds, b, s.config.data, s.tokenizer.pad_token_id)
-  out = {k: [] for k in ("rewards", "tokens", "mask", "logp", "ref_logp", "demo")}
+  out = {name: [] for name in ("rewards", "tokens", "mask", "logp", "ref_logp")}
   for start in range(0, n, b):
     idx = np.arange(start, start + b) % n
     batch = train.device_batch(s, batcher, idx, demo)
     ro = rollout(state, s.frozen, batch)
-    parts = {k: np.asarray(train.gather(v)) for k, v in ro.rewards.items()}
+    parts = {name: np.asarray(train.gather(v)) for name, v in ro.rewards.items()}
     tokens, cmask = np.asarray(train.gather(ro.tokens)), np.asarray(train.gather(ro.mask))
     if s.rewards.needs_host:
       parts.update(train.score_on_host(s, ds, idx, tokens, cmask))
     keep = min(b, n - start)
-    out["rewards"].append(s.rewards.stack(parts)[:keep])
-    out["tokens"].append(tokens[:keep])
-    out["mask"].append(cmask[:keep])
-    out["logp"].append(np.asarray(train.gather(ro.logp))[:keep])
-    out["ref_logp"].append(np.asarray(train.gather(ro.ref_logp))[:keep])
-    out["demo"].append(demo[idx[:keep]])
-  res = {k: np.concatenate(v, axis=0) for k, v in out.items()}
+    by_prompt = lambda x: x.reshape(b, k, *x.shape[1:])[:keep]  # rollouts are prompt-major
+    out["rewards"].append(by_prompt(s.rewards.stack(parts)))
+    out["tokens"].append(by_prompt(tokens))
+    out["mask"].append(by_prompt(cmask))
+    out["logp"].append(by_prompt(np.asarray(train.gather(ro.logp))))
+    out["ref_logp"].append(by_prompt(np.asarray(train.gather(ro.ref_logp))))
+  res = {name: np.concatenate(v, axis=0) for name, v in out.items()}
+  res["demo"] = demo[:n]
   res["prompts"] = [ds.prompt_texts[i] for i in range(n)]
   return res
 
@@ -47,17 +57,26 @@ def generate(s, rollout, state, ds, demo: np.ndarray, num_prompts: int) -> dict[
 def run(s, rollout, state, wd: Path, step: int) -> dict:
   """One evaluation: metrics dict, also written under wd/eval."""
   g = generate(s, rollout, state, s.val, s.demo_val, s.config.eval.num_prompts)
-  mask = g["mask"].astype(bool)
-  seq_kl = np.asarray(rl.sequence_kl(g["logp"], g["ref_logp"], mask, "k1"))
-  completions = [list(t[m]) for t, m in zip(g["tokens"], mask)]
+  first = {name: g[name][:, 0] for name in ("rewards", "tokens", "mask", "logp", "ref_logp")}
+  mask = first["mask"].astype(bool)
+  seq_kl = np.asarray(rl.sequence_kl(first["logp"], first["ref_logp"], mask, "k1"))
+  completions = [list(t[m]) for t, m in zip(first["tokens"], mask)]
+  names = s.rewards.names
   result = evaluation.summarize(
-      rewards={name: g["rewards"][:, i] for i, name in enumerate(s.rewards.names)},
-      demo_rewards={name: g["demo"][:, i] for i, name in enumerate(s.rewards.names)},
+      rewards={name: first["rewards"][:, i] for i, name in enumerate(names)},
+      demo_rewards={name: g["demo"][:, i] for i, name in enumerate(names)},
       completions=completions, seq_kl=seq_kl, bins=s.config.eval.bins)
+  result.update(evaluation.group_summary(
+      {name: g["rewards"][:, :, i] for i, name in enumerate(names)},
+      {name: g["demo"][:, i] for i, name in enumerate(names)}))
+  # -log pi of the policy's own tokens: a Monte Carlo estimate of its token entropy (at temperature 1).
+  all_mask = g["mask"].astype(bool)
+  result["entropy"] = float(-g["logp"][all_mask].mean()) if all_mask.any() else 0.0
   texts = s.tokenizer.batch_decode([c for c in completions[:4]], skip_special_tokens=True)
   result["samples"] = [{"prompt": p, "completion": t} for p, t in zip(g["prompts"][:4], texts)]
   result["step"] = step
   if jax.process_index() == 0:
-    evaluation.write_eval(wd, step, result, logp_bt=g["ref_logp"], mask_bt=mask,
-                          policy_rewards=g["rewards"][:, 0], demo_rewards=g["demo"][:, 0])
+    evaluation.write_eval(wd, step, result, logp_bt=first["ref_logp"], mask_bt=mask,
+                          policy_rewards=first["rewards"][:, 0], demo_rewards=g["demo"][:, 0],
+                          prompt_mean_rewards=g["rewards"][:, :, 0].mean(axis=1))
   return result

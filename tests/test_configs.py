@@ -43,6 +43,8 @@ def test_paper_hyperparameters():
     ("rl.baseline", "loo", "samples_per_prompt"),
     ("rl.alpha", (1.0, 2.0, 3.0), "alpha"),
     ("optim.grad_accum", 3, "divisible"),
+    ("rl.objective", "rcfd_group", "samples_per_prompt >= 2"),
+    ("eval.samples_per_prompt", 0, "eval.samples_per_prompt"),
 ])
 def test_inconsistent_configs_are_refused(field, value, match):
   c = importlib.import_module("configs.tiny").get_config()
@@ -59,3 +61,15 @@ def test_inconsistent_configs_are_refused(field, value, match):
 def test_every_config_file_is_tested():
   names = {p.stem for p in Path(__file__).parent.parent.joinpath("configs").glob("*.py")}
   assert set(RL_CONFIGS) <= names
+
+
+def test_rcfd_group_takes_no_other_baseline():
+  c = importlib.import_module("configs.tiny").get_config()
+  c.rl.objective, c.rollout.samples_per_prompt = "rcfd_group", 4
+  for baseline in ("whiten", "none"):
+    c.rl.baseline = baseline
+    config_lib.check(c)
+  for baseline in ("loo", "gae"):
+    c.rl.baseline = baseline
+    with pytest.raises(UserError, match="whiten or none"):
+      config_lib.check(c)

@@ -111,7 +111,8 @@ def test_write_eval_writes_json_and_plots(tmp_path):
   paths = evaluation.write_eval(tmp_path, 7, result, logp_bt=rng.normal(size=(50, 8)), mask_bt=mask,
                                 policy_rewards=rng.normal(size=50), demo_rewards=rng.normal(size=50))
   eval_dir = tmp_path / evaluation.EVAL_SUBDIR
-  assert sorted(os.listdir(eval_dir)) == ["step_7.json", "step_7_logprob.png", "step_7_rewards.png"]
+  assert sorted(os.listdir(eval_dir)) == ["monitors.png", "step_7.json", "step_7_logprob.png",
+                                          "step_7_rewards.png"]
   assert paths[0] == str(eval_dir / "step_7.json")
   loaded = json.loads((eval_dir / "step_7.json").read_text())
   assert loaded["step"] == 7 and loaded["alignment"] == pytest.approx(result["alignment"])
@@ -119,3 +120,25 @@ def test_write_eval_writes_json_and_plots(tmp_path):
   assert len(loaded["logprob_by_position"]) == 8 and loaded["logprob_by_position"][7] is None
   for png in ("step_7_logprob.png", "step_7_rewards.png"):
     assert (eval_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_group_summary_matches_loops():
+  rng = np.random.default_rng(4)
+  r = rng.normal(size=(30, 3))
+  r[0] = 1.5  # one prompt whose samples all score the same
+  d = r.mean(1) + rng.normal(size=30)
+  out = evaluation.group_summary({"rm": r, "len": r * 2}, {"rm": d, "len": d * 2})
+  means = [sum(row) / 3 for row in r]
+  var = [sum((x - m) ** 2 for x in row) / 2 for row, m in zip(r, means)]
+  assert out["prompt_corr"] == pytest.approx(np.corrcoef(means, d)[0, 1])
+  assert out["within_prompt_std"] == pytest.approx(np.sqrt(np.mean(var)))
+  assert out["tied_frac"] == pytest.approx(1 / 30)
+  want = -np.mean([(m - di) ** 2 - v / 3 for m, di, v in zip(means, d, var)])
+  assert out["rcfd_group_reward_mean"] == pytest.approx(want)
+  assert out["prompt_corr/len"] == pytest.approx(out["prompt_corr"])
+  assert out["rcfd_group_reward_mean/len"] == pytest.approx(4 * want)
+  one = evaluation.group_summary({"rm": r[:, :1]}, {"rm": d})  # one sample: correlation only
+  assert set(one) == {"prompt_corr", "prompt_corr/rm"}
+  assert evaluation.group_summary({"rm": np.ones((4, 2))}, {"rm": np.arange(4.0)})["prompt_corr"] == 0.0
+  with pytest.raises(ValueError, match="want"):
+    evaluation.group_summary({"rm": r[:5]}, {"rm": d})

@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from rcfd_jax import rl
@@ -418,3 +419,126 @@ def test_masked_whiten_matches_numpy_on_masked_entries():
   got = np.asarray(rl.masked_whiten(jnp.asarray(x_masked), jnp.asarray(mask)))
   np.testing.assert_allclose(got[mask], want, atol=1e-5)
   assert np.all(got[~mask] == 0)
+
+
+# ---------------------------------------------------------------------------
+# rcfd_group: the leave-one-out gradient of -(E[R|x] - R_d)^2
+
+
+def _ref_rcfd_group(reward_pgk, demo_pk):
+  p, g, k = reward_pgk.shape
+  scale = [reward_pgk[:, :, c].std() + 1e-8 if k > 1 else 1.0 for c in range(k)]
+  adv = np.zeros((p, g))
+  for i in range(p):
+    for j in range(g):
+      for c in range(k):
+        others = [reward_pgk[i, o, c] / scale[c] for o in range(g) if o != j]
+        m = sum(others) / len(others)
+        adv[i, j] += -(m - demo_pk[i, c] / scale[c]) * (reward_pgk[i, j, c] / scale[c] - m)
+  return adv
+
+
+def test_rcfd_group_matches_reference_and_is_scale_invariant():
+  rng = _rng(21)
+  reward = rng.normal(size=(5, 4, 1)).astype(np.float32)
+  demo = rng.normal(size=(5, 1)).astype(np.float32)
+  got = np.asarray(rl.rcfd_group(reward, demo))
+  np.testing.assert_allclose(got, _ref_rcfd_group(reward, demo), **TOL)
+  np.testing.assert_allclose(rl.rcfd_group(reward[..., 0], demo[:, 0]), got, **TOL)  # [P, G] accepted
+  two = np.concatenate([reward, 30 + 10 * rng.normal(size=(5, 4, 1))], -1).astype(np.float32)
+  demo2 = np.concatenate([demo, 30 + 10 * rng.normal(size=(5, 1))], -1).astype(np.float32)
+  got2 = np.asarray(rl.rcfd_group(two, demo2))
+  np.testing.assert_allclose(got2, _ref_rcfd_group(two, demo2), rtol=1e-4, atol=1e-4)
+  scale = np.array([3.0, 0.1], np.float32)
+  np.testing.assert_allclose(rl.rcfd_group(two * scale, demo2 * scale), got2, rtol=1e-3, atol=1e-4)
+  with pytest.raises(ValueError, match="at least 2 samples"):
+    rl.rcfd_group(reward[:, :1], demo)
+
+
+def test_rcfd_group_pays_for_the_mean_not_the_spread():
+  """In expectation over the other samples, A_i = -(mu - R_d) * R_i + const.
+
+  So sample i's advantage depends on its reward linearly with slope
+  -(mu - R_d), the direction that moves the prompt's mean to R_d, and not on
+  its squared distance from the mean (the spread), which rcfd's -(R - R_d)^2
+  penalises.
+  """
+  rng = _rng(24)
+  r = rng.normal(size=(40000, 4)).astype(np.float32)  # one prompt's rewards: mean 0, std 1
+  for demo in (0.0, 2.0, -1.0):
+    adv = np.asarray(rl.rcfd_group(r, np.full((r.shape[0],), demo, np.float32))).reshape(-1)
+    x = r.reshape(-1)
+    design = np.stack([x, x ** 2, np.ones_like(x)], -1)
+    slope, curve, _ = np.linalg.lstsq(design, adv, rcond=None)[0]
+    assert slope == pytest.approx(demo, abs=0.05), (demo, slope)   # -(mu - R_d) with mu = 0
+    assert abs(curve) < 0.05, (demo, curve)                        # no price on the spread
+    cal = np.asarray(rl.rcfd(x, np.full_like(x, demo)))
+    assert np.linalg.lstsq(design, cal, rcond=None)[0][1] == pytest.approx(-1.0, abs=1e-3)
+
+
+def test_group_value_is_unbiased_and_group_spread_counts_ties():
+  rng = _rng(22)
+  demo = np.array([0.5, -1.0])
+  # Rewards ~ N(mu_p, 1) with many draws: the estimate's mean is -(mu - R_d)^2 exactly, not -(...) - 1/G.
+  mu = np.array([1.5, -1.0])
+  draws = mu[None, :, None] + rng.normal(size=(20000, 2, 3))
+  est = np.asarray(jax.vmap(lambda r: rl.group_value(r, demo))(jnp.asarray(draws, jnp.float32)))
+  np.testing.assert_allclose(est.mean(0)[:, 0], -(mu - demo) ** 2, atol=0.03)
+  r = np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 2.0]], np.float32)
+  within, tied = rl.group_spread(r)
+  np.testing.assert_allclose(within, [np.sqrt((0.0 + 1.0) / 2)], rtol=1e-6)
+  np.testing.assert_allclose(tied, [0.5])
+
+
+def test_token_entropy_matches_numpy():
+  rng = _rng(23)
+  logits = rng.normal(size=(2, 3, V)).astype(np.float32) * 3
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(rl.token_entropy(jnp.asarray(logits)), -(p * np.log(p)).sum(-1), rtol=1e-5)
+
+
+def _toy_run(estimator: str, steps: int = 300, seed: int = 0):
+  """A shared categorical policy over 30 outputs whose rewards are evenly spaced in [-3, 3].
+
+  Every one of 64 prompts per step draws its R_d ~ N(0.6, 1.5) independently
+  of the prompt, which the policy cannot see: the best it can do is match the
+  demonstrations' reward distribution as a whole. 4 samples per prompt,
+  REINFORCE with batch-whitened advantages and Adam, as the trainer runs it.
+  Returns the final (entropy, mean reward, reward std) of the policy.
+  """
+  v, p, g = 30, 64, 4
+  r_v = jnp.linspace(-3.0, 3.0, v)
+  theta0 = -0.12 * jnp.square(r_v)  # an SFT-like start: entropy 3.35 nats, reward std 1.53
+  tx = optax.adam(0.05)
+
+  def step(carry, key):
+    theta, opt_state = carry
+    k_demo, k_sample = jax.random.split(key)
+    demo_p = 0.6 + 1.5 * jax.random.normal(k_demo, (p,))
+    y_pg = jax.random.categorical(k_sample, theta, shape=(p, g))
+    r_pg = r_v[y_pg]
+    if estimator == "rcfd":
+      score = rl.rcfd(r_pg.reshape(-1), jnp.repeat(demo_p, g))
+    else:
+      score = rl.rcfd_group(r_pg, demo_p).reshape(-1)
+    adv = rl.whiten(score)
+    grads = jax.grad(lambda th: -jnp.mean(adv * jax.nn.log_softmax(th)[y_pg.reshape(-1)]))(theta)
+    updates, opt_state = tx.update(grads, opt_state, theta)
+    return (optax.apply_updates(theta, updates), opt_state), None
+
+  (theta, _), _ = jax.lax.scan(step, (theta0, tx.init(theta0)), jax.random.split(jax.random.key(seed), steps))
+  prob = jax.nn.softmax(theta)
+  mean = jnp.sum(prob * r_v)
+  return (float(-jnp.sum(prob * jnp.log(prob))), float(mean),
+          float(jnp.sqrt(jnp.sum(prob * jnp.square(r_v - mean)))))
+
+
+def test_toy_policy_rcfd_collapses_where_rcfd_group_calibrates():
+  """Unpredictable R_d: the paper's estimator buys a lower loss by removing the reward's spread."""
+  entropy, mean, std = _toy_run("rcfd")
+  assert entropy < 1.0 and std < 0.3, (entropy, std)       # collapsed onto a few outputs
+  assert abs(mean - 0.6) < 0.3
+  entropy, mean, std = _toy_run("rcfd_group")
+  assert entropy > 2.5 and std > 1.0, (entropy, std)        # the spread survives (start: 3.35, 1.53)
+  assert abs(mean - 0.6) < 0.15, mean                       # and the mean reaches the demonstrations'

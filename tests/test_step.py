@@ -26,6 +26,7 @@ from flax import nnx
 from rcfd_jax import checkpoint, metrics, models, rewards, rl, train
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import layers as L
+from rcfd_jax import step as step_lib
 from rcfd_jax.step import make_rollout, make_scorer, make_update
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +160,31 @@ def test_rcfd_pulls_reward_toward_the_demonstrations(setup):
   assert m_long[0]["demo_reward_mean"] == -float(n) < m_long[0]["reward_mean"]
   assert measure(s, short)["p_eos"] > 1.5 * before
   assert measure(s, long)["p_eos"] < before
+
+
+def test_rcfd_group_groups_each_prompts_samples_and_pushes_toward_the_demonstration(setup):
+  """The step hands rl.rcfd_group each prompt's k consecutive rollouts, and the update follows it.
+
+  Demonstrations as long as the budget: the few groups holding an early EOS
+  have a mean above R_d = -n, and the update makes EOS rarer. (Short
+  demonstrations need more groups with a spread than this random policy gives.)
+  """
+  s, state = setup
+  k = s.sc.samples_per_prompt
+  rng = np.random.default_rng(0)
+  reward_rk = rng.normal(size=(4 * k, 2)).astype(np.float32)
+  demo_rk = np.repeat(rng.normal(size=(4, 2)), k, axis=0).astype(np.float32)
+  sc = dataclasses.replace(s.sc, objective="rcfd_group")
+  got = step_lib.objective(sc, jnp.asarray(reward_rk), jnp.asarray(demo_rk), None, None)
+  want = rl.rcfd_group(reward_rk.reshape(4, k, 2), demo_rk[::k]).reshape(-1)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  before = measure(s, state)["p_eos"]
+  long, ms = train_steps(s, fused(s, "rcfd_group"), state, 4,
+                         demo=np.full_like(s.demo_train, -float(s.sc.max_new_tokens)))
+  assert measure(s, long)["p_eos"] < before
+  m = ms[0]
+  assert 0 <= m["reward_tied_frac/length"] <= 1 and m["reward_within_prompt_std/length"] >= 0
+  assert 0 < m["entropy"] <= math.log(len(s.tokenizer))
 
 
 def test_kl_penalty_keeps_policy_closer_to_reference(setup):

@@ -30,8 +30,10 @@ FAST = {
     "rollout.max_new_tokens": 8, "data.demo_max_tokens": 8, "data.max_examples": 64,
     "data.validation_size": 8,
 }
-METRIC_KEYS = {"step", "loss", "reward_mean", "demo_reward_mean", "kl", "length_mean", "tokens_per_second"}
-EVAL_KEYS = {"reward_mean", "demo_reward_mean", "alignment", "distinct_2", "length_mean", "kl"}
+METRIC_KEYS = {"step", "loss", "reward_mean", "demo_reward_mean", "kl", "length_mean", "tokens_per_second",
+               "entropy"}
+EVAL_KEYS = {"reward_mean", "demo_reward_mean", "alignment", "distinct_2", "length_mean", "kl", "entropy",
+             "prompt_corr"}
 TIMING_KEYS = {"tokens_per_second", "bridge_seconds"}
 
 
