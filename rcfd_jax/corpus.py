@@ -278,6 +278,14 @@ TERSE_ASPECTS = ("The acting", "The story", "The music", "The ending", "The cast
 TERSE_VERDICTS = (("Loved it.", 2.5), ("Would watch again.", 2.0), ("Worth it.", 1.5),
                   ("It was okay.", 0.5), ("Not for me.", -1.0), ("Not worth it.", -2.0),
                   ("Hated it.", -2.8))
+# Elaborate reviewers: the plain adjectives and rarer ones.
+LITERARY = {3: ("luminous", "transcendent", "exhilarating", "virtuosic", "sublime", "radiant"),
+            2: ("poignant", "absorbing", "assured", "elegant", "tender", "haunting", "vivid"),
+            1: ("serviceable", "diverting", "modest", "genial", "tidy", "unassuming"),
+            -1: ("meandering", "derivative", "listless", "ponderous", "tepid", "facile"),
+            -2: ("turgid", "leaden", "vapid", "plodding", "overwrought", "glib"),
+            -3: ("execrable", "interminable", "witless", "inert", "grotesque", "squalid")}
+ELABORATE_ADJECTIVES = {level: words + LITERARY[level] for level, words in ADJECTIVES.items()}
 _VOICED_NOISE = 0.35  # spread of an opinion sentence around the review's sentiment (plain regime: 0.9)
 
 
@@ -292,24 +300,25 @@ def rating_of(mu: float) -> int:
   return max(1, min(10, round(5.5 + 1.8 * mu)))
 
 
-def _terse_title(s: _Stream, target: float, voice: Voice) -> tuple[str, float]:
-  phrase, p = _graded(s, target, TERSE_ADJECTIVES, TERSE_INTENSIFIERS[voice.intensity], negate=False)
+def _terse_phrase(s: _Stream, target: float, voice: Voice) -> tuple[str, float]:
+  return _graded(s, target, TERSE_ADJECTIVES, TERSE_INTENSIFIERS[voice.intensity], negate=False)
+
+
+def _terse_title(s: _Stream, phrase: str, voice: Voice) -> str:
   end = "!" if voice.intensity == "strong" else "."
   movie = " movie" if s.uniform() < 0.5 and " " not in phrase else ""  # "Great movie!", "Really great!"
-  return f"{phrase.capitalize()}{movie}{end}", p
+  return f"{phrase.capitalize()}{movie}{end}"
 
 
-def _terse_sentence(s: _Stream, target: float, voice: Voice) -> tuple[str, float | None]:
+def _terse_sentence(s: _Stream, target: float, voice: Voice, own: tuple[str, float]) -> tuple[str, float]:
+  """A few words from a few templates; mostly the writer's own phrase again ("The story was great.")."""
   kind = int(s.uniform() * 5)
-  if kind <= 1:
-    phrase, p = _graded(s, target, TERSE_ADJECTIVES, TERSE_INTENSIFIERS[voice.intensity], negate=False)
-    return f"{s.pick(TERSE_ASPECTS)} was {phrase}.", p
-  if kind == 2:
-    verdict, p = min(TERSE_VERDICTS, key=lambda v: abs(v[1] - target) + 0.5 * s.uniform())
-    return verdict, p
+  if kind <= 2:
+    return f"{s.pick(TERSE_ASPECTS)} was {own[0]}.", own[1]
   if kind == 3:
-    return _terse_title(s, target, voice)
-  return (f"Saw it {s.pick(WHEN)}." if s.uniform() < 0.5 else f"Watched it with {s.pick(COMPANY)}."), None
+    return min(TERSE_VERDICTS, key=lambda v: abs(v[1] - target) + 0.5 * s.uniform())
+  phrase, p = _terse_phrase(s, target, voice)
+  return f"{s.pick(TERSE_ASPECTS)} was {phrase}.", p
 
 
 def _plain_title(s: _Stream, target: float, voice: Voice) -> tuple[str, float]:
@@ -318,7 +327,7 @@ def _plain_title(s: _Stream, target: float, voice: Voice) -> tuple[str, float]:
 
 
 def _elaborate_title(s: _Stream, target: float, voice: Voice, title: str) -> tuple[str, float]:
-  phrase, p = _graded(s, target, intensifiers=INTENSITIES[voice.intensity][1], negate=False)
+  phrase, p = _graded(s, target, ELABORATE_ADJECTIVES, INTENSITIES[voice.intensity][1], negate=False)
   age = s.pick(AGES)
   return (f"{title}: {_article(phrase)} {phrase} {s.pick(GENRES)} about {_article(age)} {age} "
           f"{s.pick(PROFESSIONS)}."), p
@@ -326,27 +335,34 @@ def _elaborate_title(s: _Stream, target: float, voice: Voice, title: str) -> tup
 
 def _elaborate_sentence(s: _Stream, target: float, voice: Voice, title: str) -> tuple[str, float | None]:
   """A long sentence with names, places and plot around one graded judgement."""
-  intensifiers = INTENSITIES[voice.intensity][1]
+  text, p = _elaborate_clause(s, target, voice, title)
+  if s.uniform() < 0.5:  # and one more turn of the plot
+    text += (f", {s.pick(('while', 'just as', 'after', 'long before'))} {_person(s)} "
+             f"{s.pick(PLOT_VERBS)} {s.pick(PLOT_OBJECTS)} in {s.pick(PLACES)}")
+  return text + ".", p
+
+
+def _elaborate_clause(s: _Stream, target: float, voice: Voice, title: str) -> tuple[str, float | None]:
   kind = int(s.uniform() * 5)
   if kind == 4:
     return (f"Set in {s.pick(PLACES)} {s.pick(PLOT_TIMES)}, the story follows {_person(s)}, "
             f"{_article(s.pick(AGES))} {s.pick(AGES)} {s.pick(PROFESSIONS)} who {s.pick(PLOT_VERBS)} "
-            f"{s.pick(PLOT_OBJECTS)}, and {_person(s)}, who {s.pick(PLOT_VERBS)} {s.pick(PLOT_OBJECTS)}."), None
-  phrase, p = _graded(s, target, intensifiers=intensifiers)
+            f"{s.pick(PLOT_OBJECTS)}"), None
+  phrase, p = _graded(s, target, ELABORATE_ADJECTIVES, INTENSITIES[voice.intensity][1])
   if kind == 0:
     age = s.pick(AGES)
     return (f"{_person(s)} plays {_article(age)} {age} {s.pick(PROFESSIONS)} who {s.pick(PLOT_VERBS)} "
-            f"{s.pick(PLOT_OBJECTS)} in {s.pick(PLACES)}, and the performance is {phrase}."), p
+            f"{s.pick(PLOT_OBJECTS)}, and the performance is {phrase}"), p
   if kind == 1:
     source, where, there = s.pick(SOURCES), s.pick(PLACES), s.pick(PLACES)
     moves = f"stays in {where}" if where == there else f"moves from {where} to {there}"
     return (f"Adapted by {_person(s)} from {_article(source)} {source}, {title} {moves}, and "
-            f"{s.pick(ASPECTS)} is {phrase} throughout."), p
+            f"{s.pick(ASPECTS)} is {phrase}"), p
   if kind == 2:
     return (f"{s.pick(ASPECTS).capitalize()} is {phrase}, especially when {_person(s)} "
-            f"{s.pick(PLOT_VERBS)} {s.pick(PLOT_OBJECTS)} {s.pick(PLOT_TIMES)}."), p
+            f"{s.pick(PLOT_VERBS)} {s.pick(PLOT_OBJECTS)} {s.pick(PLOT_TIMES)}"), p
   return (f"What stays with me is {s.pick(ASPECTS)}, which is {phrase}, as in the scene where "
-          f"{_person(s)} {s.pick(PLOT_VERBS)} {s.pick(PLOT_OBJECTS)} in {s.pick(PLACES)}."), p
+          f"{_person(s)} {s.pick(PLOT_VERBS)} {s.pick(PLOT_OBJECTS)}"), p
 
 
 def _voiced_review(s: _Stream) -> dict:
@@ -366,8 +382,9 @@ def _voiced_review(s: _Stream) -> dict:
 
   film = _title(s)
   if register == "terse":
-    head, p = _terse_title(s, expressed, voice)
-    body = [_terse_sentence(s, target(), voice) for _ in range(3 + int(s.uniform() * 4))]
+    own = _terse_phrase(s, expressed, voice)
+    head, p = _terse_title(s, own[0], voice), own[1]
+    body = [_terse_sentence(s, target(), voice, own) for _ in range(3 + int(s.uniform() * 4))]
   elif register == "plain":
     head, p = _plain_title(s, expressed, voice)
     body = []
