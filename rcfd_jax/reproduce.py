@@ -203,11 +203,11 @@ def predictability(s, rollout, state, n: int, samples: int = PREDICTABILITY_SAMP
   completions, R_d), and the spreads of the SFT policy's rewards within and
   between prompts.
   """
-  rewards = []
-  for k in range(samples):  # a new sampling key per pass: the step folds into the key
+  rewards, passes = [], -(-samples // s.config.eval.samples_per_prompt)
+  for k in range(passes):  # a new sampling key per pass: the step folds into the key
     g = validate.generate(s, rollout, state.replace(step=state.step + k), s.val, s.demo_val, n)
-    rewards.append(g["rewards"][:, 0, 0])
-  r, demo = np.stack(rewards, axis=1), g["demo"][:, 0]
+    rewards.append(g["rewards"][:, :, 0])  # [n, eval.samples_per_prompt] of the first reward
+  r, demo = np.concatenate(rewards, axis=1)[:, :samples], g["demo"][:, 0]
   mean = r.mean(axis=1)
   return {"prompt_corr": float(np.corrcoef(mean, demo)[0, 1]),
           "samples_per_prompt": samples,
