@@ -365,9 +365,10 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
       last = evals[-1]
       chosen = max(evals, key=lambda ev, arm=arm: objective_value(ev, arm))
       results[task][arm.name] = row(last)
-      if not arm.objective:
-        results[task][arm.name]["prompt_predictability"] = demos["prompt_corr"]
       best[task][arm.name] = {**row(chosen), "step": chosen["step"]}
+      if not arm.objective:  # reproduce.predictability, measured on the SFT policy
+        results[task][arm.name]["prompt_predictability"] = demos["prompt_corr"]
+        best[task][arm.name]["prompt_predictability"] = demos["prompt_corr"]
       extras[task]["samples"][arm.name] = last.get("samples", [])
       if arm.objective:
         extras[task]["curves"][arm.name] = _curve(wd / "metrics.jsonl")
