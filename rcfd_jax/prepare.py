@@ -3,7 +3,8 @@
     python -m rcfd_jax.prepare --out=build/tiny
 
 writes, deterministically from --seed:
-  OUT/reviews.jsonl      the synthetic movie-review corpus (rcfd_jax.corpus)
+  OUT/reviews.jsonl      the synthetic movie-review corpus (rcfd_jax.corpus; --regime=voiced for
+                         reviews that open with a rating and a title in the reviewer's voice)
   OUT/policy/            a small random GPT-2 with a BPE tokenizer trained on the corpus
   OUT/reward_model/      a small random GPT-2 classifier sharing that tokenizer
 An existing OUT is left as it is unless --force is given. The trainer calls
@@ -31,8 +32,8 @@ _PARTS = ("reviews.jsonl", "policy/config.json", "policy/model.safetensors", "po
 
 
 def build(out: str | Path, *, n_reviews: int = 4000, vocab_size: int = 512, seed: int = 0,
-          width: int = 64, layers: int = 2, force: bool = False) -> Path:
-  """Writes corpus, tokenizer, policy and reward model directories under `out`.
+          width: int = 64, layers: int = 2, regime: str = "plain", force: bool = False) -> Path:
+  """Writes corpus (of corpus.REGIMES[regime]), tokenizer, policy and reward model directories under `out`.
 
   Safe when several processes start at once: one builds in a temporary
   sibling under a file lock and renames it to `out`; the others wait for the
@@ -52,7 +53,8 @@ def build(out: str | Path, *, n_reviews: int = 4000, vocab_size: int = 512, seed
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the assets from other users once renamed
     try:
-      _write(tmp, n_reviews=n_reviews, vocab_size=vocab_size, seed=seed, width=width, layers=layers)
+      _write(tmp, n_reviews=n_reviews, vocab_size=vocab_size, seed=seed, width=width, layers=layers,
+             regime=regime)
       _move_in(tmp, out)
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -70,9 +72,10 @@ def _locked(lock: Path):
     yield
 
 
-def _write(out: Path, *, n_reviews: int, vocab_size: int, seed: int, width: int, layers: int) -> None:
-  corpus.write_corpus(out, n_reviews=n_reviews, seed=seed)
-  tok = tiny.train_tokenizer(corpus.pretraining_texts(n_reviews, seed), vocab_size)
+def _write(out: Path, *, n_reviews: int, vocab_size: int, seed: int, width: int, layers: int,
+           regime: str) -> None:
+  corpus.write_corpus(out, n_reviews=n_reviews, seed=seed, regime=regime)
+  tok = tiny.train_tokenizer(corpus.pretraining_texts(n_reviews, seed, regime), vocab_size)
   cfg = tiny.gpt2_config(len(tok), n_embd=width, n_layer=layers)
   tiny.write_model_dir(out / "policy", cfg, tok, seed=seed)
   tiny.write_model_dir(out / "reward_model", dict(cfg, **tiny.gpt2_config(len(tok), n_embd=width, n_layer=layers,
@@ -101,7 +104,7 @@ def _move_in(built: Path, out: Path) -> None:
 def main(argv):
   del argv
   out = build(flags.FLAGS.out, n_reviews=flags.FLAGS.n_reviews, vocab_size=flags.FLAGS.vocab_size,
-              seed=flags.FLAGS.seed, force=flags.FLAGS.force)
+              seed=flags.FLAGS.seed, regime=flags.FLAGS.regime, force=flags.FLAGS.force)
   print(f"tiny assets in {out}", file=sys.stderr)
 
 
@@ -111,5 +114,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("n_reviews", 4000, "Reviews in the corpus.")
   flags.DEFINE_integer("vocab_size", 512, "Tokenizer vocabulary.")
   flags.DEFINE_integer("seed", 0, "Seed of the corpus and the random weights.")
+  flags.DEFINE_enum("regime", "plain", list(corpus.REGIMES), "Corpus regime (rcfd_jax.corpus.REGIMES).")
   flags.DEFINE_bool("force", False, "Rebuild even if OUT already holds the assets.")
   app.run(main)

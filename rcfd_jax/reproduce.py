@@ -1,31 +1,40 @@
-"""The paper's finding on one CPU: reward over-optimization, and RCfD curing it untuned.
+"""The paper's finding on one CPU: reward over-optimization, RCfD, and when a prompt lets it calibrate.
 
-    python -m rcfd_jax.reproduce --workdir=runs/reproduce [--quick]
+    python -m rcfd_jax.reproduce --workdir=runs/reproduce [--quick] [--parallel=2]
 
-builds everything from a seed, in one process, under DIR:
-  DIR/assets/             corpus, tokenizer, random GPT-2s (rcfd_jax.prepare)
-  DIR/splits/             the reviews SFT and RM train on: the corpus less every review
-                          whose prompt either task holds out for validation (and its
-                          positive reviews, for the sentiment policy)
-  DIR/sft/model           SFT policy (configs/sft_tiny.py settings); the loglik task's
-  DIR/sft_positive/model  the SFT policy fine-tuned on the positive reviews, i.e. on the
-                          demonstrations of the sentiment task; that task's policy
-  DIR/rm/model            sentiment classifier from the SFT trunk (configs/rm_tiny.py)
-  DIR/runs/TASK/METHOD/   one trainer workdir per arm (configs/reproduce.py:TASK,DIR):
-                          METHOD = sft (the SFT policy itself, evaluated), max,
-                          kl_BETA (one per beta in BETAS), rcfd
-  DIR/results.json        {task: {method: {reward_mean, demo_reward_mean, demo_reward_std, alignment,
-                          distinct_2, sft_distinct_2, demo_distinct_2, length_mean, kl}}}
-  DIR/results_best.json   the same at each arm's checkpoint of highest mean validation value of
-                          its own training reward (the paper's selection), plus its step
-  DIR/results.md          the same as tables, the check of the targets, how much the prompt
-                          predicts the demonstrations' reward (predictability), sample completions
-  DIR/results.png         reward during training vs the demonstrations; A, length, distinct-2, KL
+builds everything from a seed under DIR, each stage and arm in a child process
+of its own (`--job=NAME`), up to --parallel of them at once:
+  DIR/REGIME/assets/        corpus (rcfd_jax.corpus.REGIMES[REGIME]), tokenizer, random GPT-2s
+                            (rcfd_jax.prepare)
+  DIR/REGIME/splits/        the reviews SFT and RM train on: the corpus less every review
+                            whose prompt a task of the regime holds out for validation (and
+                            its positive reviews, for the sentiment policy)
+  DIR/REGIME/sft/model      SFT policy (configs/sft_tiny.py settings); the loglik task's
+  DIR/REGIME/sft_positive/model  the SFT policy fine-tuned on the positive reviews, i.e. on the
+                            demonstrations of the sentiment task; that task's policy
+  DIR/REGIME/rm/model       sentiment classifier from the SFT trunk (configs/rm_tiny.py)
+  DIR/runs/TASK/METHOD/     one trainer workdir per arm (configs/reproduce.py:TASK,DIR):
+                            METHOD = sft (the SFT policy itself, evaluated), max,
+                            kl_BETA (one per beta in BETAS), rcfd, rcfd_group
+  DIR/logs/NAME.log         what each child process printed
+  DIR/results.json          {task: {method: {reward_mean, demo_reward_mean, demo_reward_std, alignment,
+                            distinct_2, sft_distinct_2, demo_distinct_2, length_mean, kl}}}; each
+                            sft entry also carries prompt_predictability
+  DIR/results_best.json     the same at each arm's checkpoint of highest mean validation value of
+                            its own training reward (the paper's selection), plus its step
+  DIR/results.md            the same as tables by regime, the check of the targets, how much the
+                            prompt predicts the demonstrations' reward, sample completions
+  DIR/results_REGIME.png    reward during training vs the demonstrations; A, length, distinct-2, KL
+REGIME is "plain" (tasks loglik and sentiment: a review's opening says little of
+what follows) or "voiced" (loglik_voiced and sentiment_voiced: reviews open
+with a rating and a title in the reviewer's voice; docs/reproduce.md).
 Every arm differs from the others only in rl.objective and rl.beta. A
 finished stage or arm is reused, an interrupted one resumes from its
 checkpoint, so rerunning the command finishes what is missing and rewrites
-the reports. --quick shrinks everything (tiny corpus, few steps, one beta):
-it checks the plumbing in about a minute and its numbers mean nothing.
+the reports. Children share compiled programs through DIR/jax_cache (every
+task has the same shapes). --quick shrinks everything (tiny corpora, few
+steps, one beta, one task per regime): it checks the plumbing and its
+numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,19 +52,40 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from rcfd_jax import data, evaluation, prepare, supervised, train, validate
+from rcfd_jax import data, evaluation, prepare, reproduce_report, supervised, train, validate
 from rcfd_jax.errors import UserError, exit_on_user_error
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-TASKS = ("loglik", "sentiment")
-BETAS = (0.01, 0.1)        # KL arms; 0.01 is too weak on both tasks, 0.1 too strong on loglik
+
+
+def _config_module(name: str):
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(name: str, arg: str):
+  """get_config(arg) of configs/NAME.py: the same files `main --config=` reads."""
+  return _config_module(name).get_config(arg)
+
+
+TASKS = _config_module("reproduce").TASKS  # task -> (corpus regime, reward): configs/reproduce.py
+REGIMES = ("plain", "voiced")
+QUICK_TASKS = ("loglik", "sentiment_voiced")  # one per regime and per reward: every stage and arm kind
+BETAS = (0.01, 0.1)        # KL arms; 0.01 is too weak on both plain tasks, 0.1 too strong on loglik
 QUICK_BETAS = (0.1,)
 PREDICTABILITY_SAMPLES = 4  # SFT completions per validation prompt for reproduce.predictability
 PREDICTABILITY_KEYS = ("prompt_corr", "samples_per_prompt", "sft_within_prompt_std", "sft_between_prompt_std",
                       "demo_std")
-TIME_BUDGET_S = 20 * 60    # the issue's target for the whole comparison on 2 CPU cores
+PREDICTABILITY_TARGET = 0.5  # the voiced regime's prompts must predict R_d at least this well
+TIME_BUDGET_S = 20 * 60    # the target for the whole comparison on 2 CPU cores
 KEYS = ("reward_mean", "demo_reward_mean", "demo_reward_std", "alignment", "distinct_2",
         "sft_distinct_2", "demo_distinct_2", "length_mean", "kl")
+
+
+def tasks(quick: bool) -> tuple[str, ...]:
+  return QUICK_TASKS if quick else tuple(TASKS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +97,7 @@ class Arm:
 
 def arms(quick: bool) -> list[Arm]:
   kl = [Arm(f"kl_{b:g}", "kl", b) for b in (QUICK_BETAS if quick else BETAS)]
-  return [Arm("sft", ""), Arm("max", "max"), *kl, Arm("rcfd", "rcfd")]
-
-
-def load_config(name: str, arg: str):
-  """get_config(arg) of configs/NAME.py: the same files `main --config=` reads."""
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return [Arm("sft", ""), Arm("max", "max"), *kl, Arm("rcfd", "rcfd"), Arm("rcfd_group", "rcfd_group")]
 
 
 # ----------------------------------------------------------------------------- stages
@@ -83,11 +107,12 @@ STAGES = ("sft", "sft_positive", "rm")
 POSITIVE_SFT_STEPS = 150   # ~2.5 epochs of the positive training reviews, from the SFT policy
 
 
-def stage_config(stage: str, d: Path, quick: bool):
-  c = load_config("rm_tiny" if stage == "rm" else "sft_tiny", str(d / "assets"))
-  c.data.path = str(d / "splits" / ("positive.jsonl" if stage == "sft_positive" else "train.jsonl"))
+def stage_config(regime: str, stage: str, d: Path, quick: bool):
+  root = d / regime
+  c = load_config("rm_tiny" if stage == "rm" else "sft_tiny", str(root / "assets"))
+  c.data.path = str(root / "splits" / ("positive.jsonl" if stage == "sft_positive" else "train.jsonl"))
   if stage != "sft":
-    c.model.path = str(d / "sft" / "model")
+    c.model.path = str(root / "sft" / "model")
   if stage == "sft_positive":  # SFT on the sentiment task's demonstrations: a short fine-tune
     c.total_steps, c.optim.learning_rate, c.optim.warmup_steps = POSITIVE_SFT_STEPS, 1e-3, 10
   if quick:
@@ -96,23 +121,24 @@ def stage_config(stage: str, d: Path, quick: bool):
   return c
 
 
-def write_training_reviews(d: Path, quick: bool) -> None:
-  """DIR/splits/{train,positive}.jsonl: the corpus less the reviews either task validates on.
+def write_training_reviews(d: Path, regime: str, quick: bool) -> None:
+  """DIR/REGIME/splits/{train,positive}.jsonl: the corpus less the reviews its tasks validate on.
 
   The RL validation prompts are drawn by data.load from each task's config; a
   review is held out when its text starts with a validation prompt followed by
   its demonstration (the continuation format cuts the review there), so SFT
   and RM never see the text the arms are evaluated on.
   """
-  out = d / "splits"
+  root = d / regime
+  out = root / "splits"
   if (out / "positive.jsonl").exists():
     return
-  tokenizer = train.load_tokenizer(str(d / "assets" / "policy"))
+  tokenizer = train.load_tokenizer(str(root / "assets" / "policy"))
   held = set()
-  for task in TASKS:
+  for task in (t for t, (r, _) in TASKS.items() if r == regime):
     val = data.load(rl_config(task, Arm("sft", ""), d, quick).data, tokenizer).validation
     held.update(p + y for p, y in zip(val.prompt_texts, val.demo_texts))
-  lines = (d / "assets" / "reviews.jsonl").read_text(encoding="utf-8").splitlines()
+  lines = (root / "assets" / "reviews.jsonl").read_text(encoding="utf-8").splitlines()
   rows = [json.loads(line) for line in lines]
   keep = [i for i, r in enumerate(rows) if not any(r["text"].startswith(h) for h in held)]
   if len(lines) - len(keep) < len(held):
@@ -123,31 +149,18 @@ def write_training_reviews(d: Path, quick: bool) -> None:
     tmp = out / f"{name}.tmp"
     tmp.write_text("".join(lines[i] + "\n" for i in idx), encoding="utf-8")
     tmp.replace(out / name)
-  logging.info("SFT and RM train on %d of %d reviews (%d positive); %d held out for validation",
-               len(keep), len(lines), len(positive), len(lines) - len(keep))
+  logging.info("%s: SFT and RM train on %d of %d reviews (%d positive); %d held out for validation",
+               regime, len(keep), len(lines), len(positive), len(lines) - len(keep))
 
 
-def build_stages(d: Path, quick: bool) -> bool:
-  """Assets, training reviews, SFT policies, reward model; each is skipped when its output exists.
-
-  Returns True if any stage ran.
-  """
-  if quick:
-    prepare.build(d / "assets", n_reviews=400, width=32)
-  else:
-    prepare.build(d / "assets")
-  write_training_reviews(d, quick)
-  ran = False
-  for stage in STAGES:
-    if (d / stage / "eval.json").exists() and (d / stage / "model" / "config.json").exists():
-      logging.info("reusing %s", d / stage)
-      continue
-    supervised.run(stage_config(stage, d, quick), str(d / stage))
-    ran = True
-  return ran
-
-
-# ----------------------------------------------------------------------------- RL arms
+def build_assets(d: Path, quick: bool) -> None:
+  """Corpus, tokenizer, random models and training splits of every regime the tasks use."""
+  for regime in dict.fromkeys(TASKS[t][0] for t in tasks(quick)):
+    if quick:
+      prepare.build(d / regime / "assets", n_reviews=400, width=32, regime=regime)
+    else:
+      prepare.build(d / regime / "assets", regime=regime)
+    write_training_reviews(d, regime, quick)
 
 
 def rl_config(task: str, arm: Arm, d: Path, quick: bool):
@@ -190,11 +203,11 @@ def predictability(s, rollout, state, n: int, samples: int = PREDICTABILITY_SAMP
   completions, R_d), and the spreads of the SFT policy's rewards within and
   between prompts.
   """
-  rewards = []
-  for k in range(samples):  # a new sampling key per pass: the step folds into the key
+  rewards, passes = [], -(-samples // s.config.eval.samples_per_prompt)
+  for k in range(passes):  # a new sampling key per pass: the step folds into the key
     g = validate.generate(s, rollout, state.replace(step=state.step + k), s.val, s.demo_val, n)
-    rewards.append(g["rewards"][:, 0, 0])
-  r, demo = np.stack(rewards, axis=1), g["demo"][:, 0]
+    rewards.append(g["rewards"][:, :, 0])  # [n, eval.samples_per_prompt] of the first reward
+  r, demo = np.concatenate(rewards, axis=1)[:, :samples], g["demo"][:, 0]
   mean = r.mean(axis=1)
   return {"prompt_corr": float(np.corrcoef(mean, demo)[0, 1]),
           "samples_per_prompt": samples,
@@ -207,21 +220,104 @@ def final_eval(config, wd: Path) -> Path:
   return wd / "eval" / f"step_{config.total_steps}.json"
 
 
-def run_arm(task: str, arm: Arm, d: Path, quick: bool) -> float:
-  """Trains (or evaluates) one arm unless its final evaluation exists; returns seconds spent."""
+def run_arm(task: str, arm: Arm, d: Path, quick: bool) -> None:
+  """Trains one arm (resuming from its checkpoint), or evaluates the SFT policy for arm "sft"."""
   config = rl_config(task, arm, d, quick)
   wd = d / "runs" / task / arm.name
-  done = wd / "eval" / "step_0.json" if not arm.objective else final_eval(config, wd)
-  if done.exists():
-    logging.info("reusing %s", wd)
-    return 0.0
-  t0 = time.perf_counter()
-  logging.info("running %s/%s", task, arm.name)
   if arm.objective:
     train.run(config, str(wd))
   else:
     evaluate_sft(config, wd)
-  return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  name: str                # "REGIME/STAGE" or "TASK/ARM": what `--job=NAME` runs
+  needs: tuple[str, ...]   # jobs that must have finished first
+  done: Path               # exists once the job has finished
+
+
+def jobs(d: Path, quick: bool) -> list[Job]:
+  """Every stage and arm of the tasks, in the order they start once their inputs are ready.
+
+  Stages come first (they feed everything), then the RL arms, the longest
+  jobs, then the short SFT evaluations that fill the gaps at the end.
+  """
+  stages, trained, sft = {}, [], []
+  for task in tasks(quick):
+    regime, reward = TASKS[task]
+    policy = [f"{regime}/sft"] if reward == "loglik" else [f"{regime}/sft_positive", f"{regime}/rm"]
+    for name in [f"{regime}/sft", *policy]:
+      stage = name.partition("/")[2]
+      stages[name] = Job(name, () if stage == "sft" else (f"{regime}/sft",), d / name / "eval.json")
+    for arm in arms(quick):
+      config = rl_config(task, arm, d, quick)
+      wd = d / "runs" / task / arm.name
+      done = final_eval(config, wd) if arm.objective else wd / "demos.json"
+      (trained if arm.objective else sft).append(Job(f"{task}/{arm.name}", tuple(policy), done))
+  order = sorted(stages.values(), key=lambda j: STAGES.index(j.name.partition("/")[2]))
+  return order + sorted(trained, key=lambda j: [a.name for a in arms(quick)].index(j.name.partition("/")[2])) + sft
+
+
+def run_job(name: str, d: Path, quick: bool) -> None:
+  """One stage or arm, in this process (a child of the command)."""
+  head, _, tail = name.partition("/")
+  if head in REGIMES:
+    supervised.run(stage_config(head, tail, d, quick), str(d / head / tail))
+  else:
+    run_arm(head, next(a for a in arms(quick) if a.name == tail), d, quick)
+
+
+def _start(job: Job, d: Path, quick: bool) -> subprocess.Popen:
+  log = d / "logs" / f"{job.name.replace('/', '.')}.log"
+  log.parent.mkdir(parents=True, exist_ok=True)
+  package_root = str(Path(__file__).resolve().parent.parent)
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(d / "jax_cache"), TOKENIZERS_PARALLELISM="false",
+             PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+  cmd = [sys.executable, "-m", "rcfd_jax.reproduce", f"--workdir={d}", f"--job={job.name}"]
+  with log.open("ab") as out:
+    return subprocess.Popen(cmd + (["--quick"] if quick else []), stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def run_jobs(todo: list[Job], d: Path, quick: bool, parallel: int) -> dict[str, float]:
+  """Runs every job whose output is missing, `parallel` child processes at once; seconds per job run.
+
+  A job starts as soon as the jobs it needs are done, earliest in `todo`
+  first. If one fails the others are stopped (SIGTERM: trainers checkpoint)
+  and its log's end is raised.
+  """
+  done = {j.name for j in todo if j.done.exists()}
+  pending = [j for j in todo if j.name not in done]
+  running: dict[str, tuple[subprocess.Popen, float]] = {}
+  seconds = {}
+  try:
+    while pending or running:
+      ready = [j for j in pending if set(j.needs) <= done]
+      for job in ready[:parallel - len(running)]:
+        logging.info("starting %s", job.name)
+        pending.remove(job)
+        running[job.name] = (_start(job, d, quick), time.perf_counter())
+      if not running:
+        raise RuntimeError(f"jobs wait for jobs that are not planned: {[j.name for j in pending]}")
+      time.sleep(0.2)
+      for name, (proc, t0) in list(running.items()):
+        if proc.poll() is None:
+          continue
+        del running[name]
+        if proc.returncode != 0:
+          tail = (d / "logs" / f"{name.replace('/', '.')}.log").read_text(errors="replace")[-3000:]
+          raise RuntimeError(f"{name} failed with exit code {proc.returncode}; its log ends:\n{tail}")
+        seconds[name] = time.perf_counter() - t0
+        done.add(name)
+        logging.info("finished %s in %.0f s", name, seconds[name])
+  finally:
+    for proc, _ in running.values():
+      proc.terminate()
+      proc.wait()
+  return seconds
 
 
 # ----------------------------------------------------------------------------- results
@@ -231,6 +327,8 @@ def objective_value(ev: dict, arm: Arm) -> float:
   """Mean validation value of the reward the arm trains on: what the paper's selection maximizes."""
   if arm.objective == "rcfd":
     return ev["rcfd_reward_mean"]
+  if arm.objective == "rcfd_group":  # -(E[R | x] - R_d)^2, unbiased from eval.samples_per_prompt >= 2
+    return ev["rcfd_group_reward_mean"]
   if arm.objective == "kl":
     return ev["reward_mean"] - arm.beta * ev["kl"]
   return ev["reward_mean"]
@@ -248,7 +346,7 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
   extras holds the samples, demo lengths, training curves and predictability figures.
   """
   results, best, extras = {}, {}, {}
-  for task in TASKS:
+  for task in tasks(quick):
     sft_dir = d / "runs" / task / "sft"
     demos = json.loads((sft_dir / "demos.json").read_text())
     sft = json.loads((sft_dir / "eval" / "step_0.json").read_text())
@@ -268,6 +366,9 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
       chosen = max(evals, key=lambda ev, arm=arm: objective_value(ev, arm))
       results[task][arm.name] = row(last)
       best[task][arm.name] = {**row(chosen), "step": chosen["step"]}
+      if not arm.objective:  # reproduce.predictability, measured on the SFT policy
+        results[task][arm.name]["prompt_predictability"] = demos["prompt_corr"]
+        best[task][arm.name]["prompt_predictability"] = demos["prompt_corr"]
       extras[task]["samples"][arm.name] = last.get("samples", [])
       if arm.objective:
         extras[task]["curves"][arm.name] = _curve(wd / "metrics.jsonl")
@@ -285,123 +386,41 @@ def _curve(path: Path) -> tuple[list[int], list[float]]:
 
 
 def check_targets(results: dict, seconds: float | None) -> list[tuple[str, bool, str]]:
-  """The issue's targets, as (target, met, measured) rows."""
+  """The targets, as (target, met, measured) rows."""
   rows = []
+
+  def within(task: str, name: str, m: dict, std_gap: float, a_max: float, a_what: str) -> None:
+    gap = (m["reward_mean"] - m["demo_reward_mean"]) / m["demo_reward_std"]
+    rows.append((f"{task}: {name} reward within {std_gap} demo std", abs(gap) <= std_gap,
+                 f"({m['reward_mean']:.3f} - {m['demo_reward_mean']:.3f}) / {m['demo_reward_std']:.3f} = "
+                 f"{gap:+.2f} std"))
+    rows.append((f"{task}: {name} Alignment A <= {a_what}", m["alignment"] <= a_max,
+                 f"A = {m['alignment']:.3f} vs {a_max:.3f}"))
+
   for task, r in results.items():
-    mx, cfd = r["max"], r["rcfd"]
-    mean, std = mx["demo_reward_mean"], mx["demo_reward_std"]
-    over = (mx["reward_mean"] - mean) / std
-    rows.append((f"{task}: max ends above the demos by > 1 demo std", over > 1.0,
-                 f"({mx['reward_mean']:.3f} - {mean:.3f}) / {std:.3f} = {over:+.2f} std"))
+    sft, mx, group = r["sft"], r["max"], r["rcfd_group"]
+    over = (mx["reward_mean"] - mx["demo_reward_mean"]) / mx["demo_reward_std"]
+    rows.append((f"{task}: max ends above the demos by > 1 demo std", over > 1.0, f"{over:+.2f} std"))
     change = mx["distinct_2"] / mx["sft_distinct_2"] - 1.0
     rows.append((f"{task}: max distinct-2 falls >= 40% vs SFT", change <= -0.4,
                  f"{mx['distinct_2']:.3f} vs {mx['sft_distinct_2']:.3f}: {100 * change:+.0f}%"))
-    gap = (cfd["reward_mean"] - mean) / std
-    rows.append((f"{task}: rcfd reward within 0.1 demo std", abs(gap) <= 0.1,
-                 f"({cfd['reward_mean']:.3f} - {mean:.3f}) / {std:.3f} = {gap:+.2f} std"))
-    rows.append((f"{task}: rcfd Alignment A <= 0.1", cfd["alignment"] <= 0.1, f"A = {cfd['alignment']:.3f}"))
-    rel = cfd["distinct_2"] / cfd["demo_distinct_2"] - 1.0
-    rows.append((f"{task}: rcfd distinct-2 within 20% of the demos'", abs(rel) <= 0.2,
-                 f"{cfd['distinct_2']:.3f} vs {cfd['demo_distinct_2']:.3f}: {100 * rel:+.0f}%"))
+    within(task, "rcfd_group", group, 0.1, sft["alignment"], "the SFT policy's")
+    keep = group["distinct_2"] / group["sft_distinct_2"]
+    rows.append((f"{task}: rcfd_group distinct-2 >= 80% of the SFT policy's", keep >= 0.8,
+                 f"{group['distinct_2']:.3f} vs {group['sft_distinct_2']:.3f}: {100 * keep:.0f}%"))
+    if TASKS[task][0] == "voiced":  # where the prompt predicts R_d, the paper's RCfD should calibrate
+      q = sft["prompt_predictability"]
+      rows.append((f"{task}: prompt predictability >= {PREDICTABILITY_TARGET}", q >= PREDICTABILITY_TARGET,
+                   f"corr = {q:+.3f}"))
+      within(task, "rcfd", r["rcfd"], 0.1, max(0.1, sft["alignment"]), "max(0.1, the SFT policy's)")
   if seconds is not None:
     rows.append(("whole comparison under 20 min on 2 CPU cores", seconds < TIME_BUDGET_S,
                  f"{seconds / 60:.1f} min"))
   return rows
 
 
-def _table(task: str, r: dict, demo_length: float, with_step: bool) -> list[str]:
-  demo = next(iter(r.values()))
-  step_head, step_rule = (" step |", "---|") if with_step else ("", "")
-  lines = [f"| {task} |{step_head} reward | (reward - demo) / demo std | A | distinct-2 | length | KL |",
-           f"|---|{step_rule}---|---|---|---|---|---|",
-           f"| demonstrations |{' - |' if with_step else ''} {demo['demo_reward_mean']:.3f} ± "
-           f"{demo['demo_reward_std']:.3f} | 0 | - | {demo['demo_distinct_2']:.3f} | {demo_length:.1f} | - |"]
-  for name, m in r.items():
-    gap = (m["reward_mean"] - m["demo_reward_mean"]) / m["demo_reward_std"]
-    step = f" {m['step']} |" if with_step else ""
-    lines.append(f"| {name} |{step} {m['reward_mean']:.3f} | {gap:+.2f} | {m['alignment']:.3f} | "
-                 f"{m['distinct_2']:.3f} | {m['length_mean']:.1f} | {m['kl']:.2f} |")
-  return lines + [""]
-
-
-def _targets(targets) -> list[str]:
-  return (["| target | met | measured |", "|---|---|---|"]
-          + [f"| {t} | {'met' if ok else 'NOT met'} | {v} |" for t, ok, v in targets] + [""])
-
-
-def markdown(results: dict, best: dict, extras: dict, targets, best_targets, timing: dict) -> str:
-  lines = ["# RCfD reproduction on one CPU", "",
-           "Produced by `python -m rcfd_jax.reproduce`. Rewards, A, distinct-2, length and KL(pi || pi_SFT)",
-           "are measured on the validation prompts, one sample each at temperature 1, after the last step.",
-           "A = KL(demo reward histogram || policy reward histogram), 0 is perfect.", ""]
-  for task, r in results.items():
-    lines += [f"## {task}", "", *_table(task, r, extras[task]["demo_length_mean"], with_step=False)]
-  lines += ["## Targets", "", *_targets(targets)]
-  lines += ["## The paper's checkpoint selection", "",
-            "The paper keeps, of each run, the checkpoint with the highest mean validation reward. Here each",
-            "arm is evaluated every `eval.every_steps` and the evaluation with the highest mean value of the",
-            "arm's own training reward is kept: R for max, R - beta * KL for kl, -(R - R_d)^2 for rcfd",
-            "(results_best.json). The validation prompts choose the checkpoint and score it, as in the paper.", ""]
-  for task, r in best.items():
-    lines += _table(task, r, extras[task]["demo_length_mean"], with_step=True)
-  lines += _targets(best_targets)
-  lines += ["## How much of the demonstrations' reward the prompt predicts", "",
-            "RCfD's expected loss on a prompt is (E[R | x] - R_d)^2 + Var(R | x): the policy can match",
-            "each demonstration's reward only as far as the prompt predicts it, and meets the rest best",
-            "with no spread in its own reward. Measured on the SFT policy, with several completions",
-            "per validation prompt:", "",
-            "| task | corr(mean reward of the prompt's completions, R_d) | SFT reward std within prompts |"
-            " SFT std of per-prompt means | demo reward std |", "|---|---|---|---|---|"]
-  for task in results:
-    q = extras[task]["predictability"]
-    lines.append(f"| {task} | {q['prompt_corr']:+.3f} ({q['samples_per_prompt']} completions per prompt) | "
-                 f"{q['sft_within_prompt_std']:.3f} | {q['sft_between_prompt_std']:.3f} | {q['demo_std']:.3f} |")
-  lines += ["", "## Time", ""]
-  lines += [f"- {k}: {v / 60:.1f} min" for k, v in timing.items() if k != "load"]
-  lines += [f"- CPU load average (1 min) when the runs started / the reports were written: {timing['load']}",
-            "  (the timings are wall clock: other jobs on the same cores slow them down)"]
-  lines += ["", "![results](results.png)", "", "## Samples", ""]
-  for task in results:
-    for name, samples in extras[task]["samples"].items():
-      lines.append(f"**{task} / {name}**")
-      lines.append("")
-      lines += [f"- _{s['prompt']}_ {s['completion']}".replace("\n", " ") for s in samples[:3]]
-      lines.append("")
-  return "\n".join(lines) + "\n"
-
-
-def plot(results: dict, extras: dict, path: Path) -> None:
-  """One row per task: training reward vs the demos, then A, length, distinct-2, KL per method."""
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  fig = Figure(figsize=(20, 4 * len(results)))
-  axes = fig.subplots(len(results), 5, squeeze=False)
-  for row, (task, r) in zip(axes, results.items()):
-    demo = next(iter(r.values()))
-    mean, std = demo["demo_reward_mean"], demo["demo_reward_std"]
-    names = list(r)  # one colour per method in every panel
-    for name, (steps, rewards) in extras[task]["curves"].items():
-      row[0].plot(steps, rewards, label=name, color=f"C{names.index(name)}")
-    row[0].axhline(mean, color="k", ls="--", label="demonstrations")
-    row[0].axhspan(mean - std, mean + std, color="k", alpha=0.08)
-    row[0].axhline(r["sft"]["reward_mean"], color="gray", ls=":", label="SFT")
-    row[0].set(title=f"{task}: training reward", xlabel="step", ylabel="mean reward")
-    row[0].legend(fontsize=8)
-    for ax, key, ref, title in ((row[1], "alignment", None, "Alignment A (lower is better)"),
-                                (row[2], "length_mean", extras[task]["demo_length_mean"], "length (tokens)"),
-                                (row[3], "distinct_2", demo["demo_distinct_2"], "distinct-2"),
-                                (row[4], "kl", None, "KL(pi || pi_SFT), nats")):
-      ax.bar(names, [r[n][key] for n in names], color=[f"C{i}" for i in range(len(names))])
-      if ref is not None:
-        ax.axhline(ref, color="k", ls="--", label="demonstrations")
-        ax.legend(fontsize=8)
-      ax.set_title(f"{task}: {title}")
-      ax.tick_params(axis="x", labelsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-
-
-def reproduce(workdir: str, quick: bool = False) -> dict:
-  """Runs (or reuses) every stage and arm, then writes results.json, results.md and results.png."""
+def reproduce(workdir: str, quick: bool = False, parallel: int = 2) -> dict:
+  """Runs (or reuses) every stage and arm, then writes results.json, results.md and the plots."""
   d = Path(workdir).expanduser().absolute()
   train.check_workdir(str(d))
   d.mkdir(parents=True, exist_ok=True)
@@ -409,33 +428,32 @@ def reproduce(workdir: str, quick: bool = False) -> dict:
   if mode.exists() and mode.read_text().strip() != ("quick" if quick else "full"):
     raise UserError(f"{d} holds a {mode.read_text().strip()} reproduction; pick another --workdir")
   mode.write_text("quick\n" if quick else "full\n")
-  # Arms of one task compile the same evaluation rollout, and kl arms the same step (beta is
-  # state): the persistent cache compiles each once, which matters when compiling is half the time.
-  jax.config.update("jax_compilation_cache_dir", str(d / "jax_cache"))
   timing_file = d / "timing.json"
   timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
   t0 = time.perf_counter()
   load_at_start = os.getloadavg()[0]
-  ran = build_stages(d, quick)
-  timing["assets + SFT + RM"] = timing.get("assets + SFT + RM", 0.0) + time.perf_counter() - t0
-  for task in TASKS:
-    for arm in arms(quick):
-      key = f"{task}/{arm.name}"
-      seconds = run_arm(task, arm, d, quick)
-      ran = ran or seconds > 0
-      timing[key] = timing.get(key, 0.0) + seconds
-      timing_file.write_text(json.dumps(timing, indent=2) + "\n")
-  timing["total"] = sum(v for k, v in timing.items() if k not in ("total", "load"))
-  if ran or "load" not in timing:  # the load while this invocation trained something
+  build_assets(d, quick)
+  timing["assets + splits"] = timing.get("assets + splits", 0.0) + time.perf_counter() - t0
+  seconds = run_jobs(jobs(d, quick), d, quick, parallel)
+  for name, sec in seconds.items():
+    timing[name] = timing.get(name, 0.0) + sec
+  if seconds or "total" not in timing:  # wall clock of the invocations that ran something
+    timing["total"] = timing.get("total", 0.0) + time.perf_counter() - t0
     timing["load"] = f"{load_at_start:.1f} / {os.getloadavg()[0]:.1f}"
+    timing["parallel"] = parallel
   timing_file.write_text(json.dumps(timing, indent=2) + "\n")
   results, best, extras = collect(d, quick)
   targets = check_targets(results, None if quick else timing["total"])
   best_targets = check_targets(best, None)
   (d / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   (d / "results_best.json").write_text(json.dumps(best, indent=2) + "\n")
-  plot(results, extras, d / "results.png")
-  (d / "results.md").write_text(markdown(results, best, extras, targets, best_targets, timing))
+  for regime in REGIMES:
+    of_regime = {t: r for t, r in results.items() if TASKS[t][0] == regime}
+    if of_regime:
+      reproduce_report.plot(of_regime, extras, d / f"results_{regime}.png")
+  regime_of = {t: TASKS[t][0] for t in results}
+  (d / "results.md").write_text(
+      reproduce_report.markdown(results, best, extras, targets, best_targets, timing, regime_of))
   for t, ok, v in targets:
     logging.info("target %s: %s (%s)", t, "met" if ok else "NOT met", v)
   for t, ok, v in best_targets:
@@ -447,11 +465,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  exit_on_user_error(reproduce)(flags.FLAGS.workdir, flags.FLAGS.quick)
+  f = flags.FLAGS
+  if f.job:  # a child of the command: one stage or arm (JAX_COMPILATION_CACHE_DIR set by the parent)
+    exit_on_user_error(run_job)(f.job, Path(f.workdir), f.quick)
+  else:
+    exit_on_user_error(reproduce)(f.workdir, f.quick, f.parallel)
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Directory for assets, runs and results.")
-  flags.DEFINE_bool("quick", False, "Tiny corpus and few steps: checks the plumbing, numbers mean nothing.")
+  flags.DEFINE_bool("quick", False, "Tiny corpora and few steps: checks the plumbing, numbers mean nothing.")
+  flags.DEFINE_integer("parallel", 2, "Stages and arms run at once, each in its own process.")
+  flags.DEFINE_string("job", "", "Run one stage (REGIME/STAGE) or arm (TASK/ARM) here; the command sets it "
+                      "for its child processes.")
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

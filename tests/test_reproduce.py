@@ -1,4 +1,8 @@
-"""The CPU reproduction end to end, shortened (--quick): files and schema, not the targets."""
+"""The CPU reproduction end to end, shortened (--quick): files and schema, not the targets.
+
+The quick run holds one task per corpus regime (loglik on the plain one, sentiment_voiced on the
+voiced one), so it builds every kind of stage and arm, rcfd_group included, two at a time.
+"""
 
 import json
 
@@ -13,13 +17,14 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
 
   on_disk = json.loads((d / "results.json").read_text())
   assert on_disk == results
-  assert set(on_disk) == set(reproduce.TASKS)
+  assert list(on_disk) == list(reproduce.QUICK_TASKS) == ["loglik", "sentiment_voiced"]
   methods = [a.name for a in reproduce.arms(quick=True)]
-  assert methods == ["sft", "max", "kl_0.1", "rcfd"]
+  assert methods == ["sft", "max", "kl_0.1", "rcfd", "rcfd_group"]
   for task, by_method in on_disk.items():
     assert list(by_method) == methods, task
     for method, row in by_method.items():
-      assert list(row) == list(reproduce.KEYS), (task, method)
+      extra = ["prompt_predictability"] if method == "sft" else []
+      assert list(row) == list(reproduce.KEYS) + extra, (task, method)
       assert all(isinstance(v, float) for v in row.values()), (task, method, row)
       assert (d / "runs" / task / method / "config.json").exists()
     assert by_method["sft"]["distinct_2"] == by_method["max"]["sft_distinct_2"]
@@ -37,31 +42,40 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
       assert row["step"] == chosen["step"] and row["alignment"] == chosen["alignment"], (task, arm)
     rcfd_last = json.loads((d / "runs" / task / "rcfd" / "eval" / "step_4.json").read_text())
     assert reproduce.objective_value(rcfd_last, reproduce.Arm("rcfd", "rcfd")) == rcfd_last["rcfd_reward_mean"] < 0
+    group_last = json.loads((d / "runs" / task / "rcfd_group" / "eval" / "step_4.json").read_text())
+    assert reproduce.objective_value(group_last, reproduce.Arm("rcfd_group", "rcfd_group")) == (
+        group_last["rcfd_group_reward_mean"])
   md = (d / "results.md").read_text()
   assert "| rcfd |" in md and "## Targets" in md and "## Samples" in md
   assert "## The paper's checkpoint selection" in md
   assert "## How much of the demonstrations' reward the prompt predicts" in md
-  for task in reproduce.TASKS:
+  assert "## Regime plain" in md and "## Regime voiced" in md and "prompt predictability" in md
+  for task in reproduce.QUICK_TASKS:
     q = json.loads((d / "runs" / task / "sft" / "demos.json").read_text())
     assert -1 <= q["prompt_corr"] <= 1 and q["samples_per_prompt"] == reproduce.PREDICTABILITY_SAMPLES
     assert q["sft_within_prompt_std"] > 0 and q["demo_std"] > 0, q
+    assert on_disk[task]["sft"]["prompt_predictability"] == q["prompt_corr"]
+  assert json.loads((d / "voiced" / "assets" / "reviews.jsonl").read_text().splitlines()[0])["text"][:6] != (
+      json.loads((d / "plain" / "assets" / "reviews.jsonl").read_text().splitlines()[0])["text"][:6])
 
-  # SFT and RM never train on a review whose prompt an arm is evaluated on.
-  corpus = [json.loads(line) for line in (d / "assets" / "reviews.jsonl").read_text().splitlines()]
-  train = [json.loads(line) for line in (d / "splits" / "train.jsonl").read_text().splitlines()]
-  positive = [json.loads(line) for line in (d / "splits" / "positive.jsonl").read_text().splitlines()]
-  assert positive == [r for r in train if r["label"] == "positive"]
-  tokenizer = reproduce.train.load_tokenizer(str(d / "assets" / "policy"))
-  train_texts = [r["text"] for r in train]
-  held = 0
-  for task in reproduce.TASKS:
-    val = reproduce.data.load(reproduce.rl_config(task, reproduce.Arm("sft", ""), d, True).data,
-                              tokenizer).validation
-    for prompt, demo in zip(val.prompt_texts, val.demo_texts):
-      assert not any(t.startswith(prompt + demo) for t in train_texts), (task, prompt)
-    held += len(val)
-  assert len(corpus) - held <= len(train) < len(corpus)
-  assert (d / "results.png").stat().st_size > 10_000
+  # SFT and RM never train on a review whose prompt an arm of its regime is evaluated on.
+  for regime in reproduce.REGIMES:
+    root = d / regime
+    corpus = [json.loads(line) for line in (root / "assets" / "reviews.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (root / "splits" / "train.jsonl").read_text().splitlines()]
+    positive = [json.loads(line) for line in (root / "splits" / "positive.jsonl").read_text().splitlines()]
+    assert positive == [r for r in train if r["label"] == "positive"]
+    tokenizer = reproduce.train.load_tokenizer(str(root / "assets" / "policy"))
+    train_texts = [r["text"] for r in train]
+    held = 0
+    for task in (t for t, (r, _) in reproduce.TASKS.items() if r == regime):
+      val = reproduce.data.load(reproduce.rl_config(task, reproduce.Arm("sft", ""), d, True).data,
+                                tokenizer).validation
+      for prompt, demo in zip(val.prompt_texts, val.demo_texts):
+        assert not any(t.startswith(prompt + demo) for t in train_texts), (task, prompt)
+      held += len(val)
+    assert len(corpus) - held <= len(train) < len(corpus)
+    assert (d / f"results_{regime}.png").stat().st_size > 10_000
 
   # A rerun trains nothing: every stage and arm is reused, the reports are rewritten.
   mtimes = {p: p.stat().st_mtime for p in (d / "runs").rglob("step_*.json")}
@@ -71,10 +85,11 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
 
 
 def test_checkpoint_selection_maximizes_each_arms_own_training_reward():
-  ev = {"reward_mean": 1.0, "kl": 4.0, "rcfd_reward_mean": -0.5}
+  ev = {"reward_mean": 1.0, "kl": 4.0, "rcfd_reward_mean": -0.5, "rcfd_group_reward_mean": -0.25}
   assert reproduce.objective_value(ev, reproduce.Arm("max", "max")) == 1.0
   assert reproduce.objective_value(ev, reproduce.Arm("kl_0.1", "kl", 0.1)) == 1.0 - 0.1 * 4.0
   assert reproduce.objective_value(ev, reproduce.Arm("rcfd", "rcfd")) == -0.5
+  assert reproduce.objective_value(ev, reproduce.Arm("rcfd_group", "rcfd_group")) == -0.25
 
 
 def test_full_and_quick_runs_never_share_a_workdir(tmp_path):
