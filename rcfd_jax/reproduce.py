@@ -1,6 +1,6 @@
 """The paper's finding on one CPU: reward over-optimization, RCfD, and when a prompt lets it calibrate.
 
-    python -m rcfd_jax.reproduce --workdir=runs/reproduce [--quick] [--parallel=2]
+    python -m rcfd_jax.reproduce --workdir=runs/reproduce [--quick] [--parallel=2] [--seeds=3]
 
 builds everything from a seed under DIR, each stage and arm in a child process
 of its own (`--job=NAME`), up to --parallel of them at once:
@@ -25,6 +25,9 @@ of its own (`--job=NAME`), up to --parallel of them at once:
   DIR/results.md            the same as tables by regime, the check of the targets, how much the
                             prompt predicts the demonstrations' reward, sample completions
   DIR/results_REGIME.png    reward during training vs the demonstrations; A, length, distinct-2, KL
+  DIR/results_seeds.json    with --seeds=S > 1: {task: {method: [row of seed 0, 1, ...]}} for the
+                            methods in SEED_METHODS, rerun with config.seed = 1 .. S-1 (arms
+                            METHOD_seedN); results.md gets a table of them
 REGIME is "plain" (tasks loglik and sentiment: a review's opening says little of
 what follows) or "voiced" (loglik_voiced and sentiment_voiced: reviews open
 with a rating and a title in the reviewer's voice; docs/reproduce.md).
@@ -93,11 +96,19 @@ class Arm:
   name: str
   objective: str   # "" for the SFT policy, evaluated without training
   beta: float = 0.0
+  seed: int = 0    # config.seed: sampling and data order (the SFT policy and RM stay the same)
 
 
-def arms(quick: bool) -> list[Arm]:
+SEED_METHODS = ("rcfd", "rcfd_group")  # rerun on the extra seeds of --seeds
+
+
+def arms(quick: bool, seeds: int = 1) -> list[Arm]:
+  """The arms of every task: seed 0's, then SEED_METHODS again for seeds 1 .. seeds - 1."""
   kl = [Arm(f"kl_{b:g}", "kl", b) for b in (QUICK_BETAS if quick else BETAS)]
-  return [Arm("sft", ""), Arm("max", "max"), *kl, Arm("rcfd", "rcfd"), Arm("rcfd_group", "rcfd_group")]
+  main = [Arm("sft", ""), Arm("max", "max"), *kl, Arm("rcfd", "rcfd"), Arm("rcfd_group", "rcfd_group")]
+  extra = [dataclasses.replace(a, name=f"{a.name}_seed{seed}", seed=seed)
+           for seed in range(1, seeds) for a in main if a.name in SEED_METHODS]
+  return main + extra
 
 
 # ----------------------------------------------------------------------------- stages
@@ -167,6 +178,7 @@ def rl_config(task: str, arm: Arm, d: Path, quick: bool):
   c = load_config("reproduce", f"{task},{d}")
   c.rl.objective = arm.objective or "max"
   c.rl.beta = arm.beta
+  c.seed = arm.seed
   if quick:
     c.total_steps, c.data.validation_size, c.eval.num_prompts = 4, 16, 16
     c.rollout.prompts_per_step, c.rollout.samples_per_prompt = 8, 2
@@ -240,7 +252,7 @@ class Job:
   done: Path               # exists once the job has finished
 
 
-def jobs(d: Path, quick: bool) -> list[Job]:
+def jobs(d: Path, quick: bool, seeds: int = 1) -> list[Job]:
   """Every stage and arm of the tasks, in the order they start once their inputs are ready.
 
   Stages come first (they feed everything), then the RL arms, the longest
@@ -253,36 +265,37 @@ def jobs(d: Path, quick: bool) -> list[Job]:
     for name in [f"{regime}/sft", *policy]:
       stage = name.partition("/")[2]
       stages[name] = Job(name, () if stage == "sft" else (f"{regime}/sft",), d / name / "eval.json")
-    for arm in arms(quick):
+    for arm in arms(quick, seeds):
       config = rl_config(task, arm, d, quick)
       wd = d / "runs" / task / arm.name
       done = final_eval(config, wd) if arm.objective else wd / "demos.json"
       (trained if arm.objective else sft).append(Job(f"{task}/{arm.name}", tuple(policy), done))
   order = sorted(stages.values(), key=lambda j: STAGES.index(j.name.partition("/")[2]))
-  return order + sorted(trained, key=lambda j: [a.name for a in arms(quick)].index(j.name.partition("/")[2])) + sft
+  names = [a.name for a in arms(quick, seeds)]
+  return order + sorted(trained, key=lambda j: names.index(j.name.partition("/")[2])) + sft
 
 
-def run_job(name: str, d: Path, quick: bool) -> None:
+def run_job(name: str, d: Path, quick: bool, seeds: int = 1) -> None:
   """One stage or arm, in this process (a child of the command)."""
   head, _, tail = name.partition("/")
   if head in REGIMES:
     supervised.run(stage_config(head, tail, d, quick), str(d / head / tail))
   else:
-    run_arm(head, next(a for a in arms(quick) if a.name == tail), d, quick)
+    run_arm(head, next(a for a in arms(quick, seeds) if a.name == tail), d, quick)
 
 
-def _start(job: Job, d: Path, quick: bool) -> subprocess.Popen:
+def _start(job: Job, d: Path, quick: bool, seeds: int) -> subprocess.Popen:
   log = d / "logs" / f"{job.name.replace('/', '.')}.log"
   log.parent.mkdir(parents=True, exist_ok=True)
   package_root = str(Path(__file__).resolve().parent.parent)
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(d / "jax_cache"), TOKENIZERS_PARALLELISM="false",
              PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
-  cmd = [sys.executable, "-m", "rcfd_jax.reproduce", f"--workdir={d}", f"--job={job.name}"]
+  cmd = [sys.executable, "-m", "rcfd_jax.reproduce", f"--workdir={d}", f"--job={job.name}", f"--seeds={seeds}"]
   with log.open("ab") as out:
     return subprocess.Popen(cmd + (["--quick"] if quick else []), stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def run_jobs(todo: list[Job], d: Path, quick: bool, parallel: int) -> dict[str, float]:
+def run_jobs(todo: list[Job], d: Path, quick: bool, parallel: int, seeds: int = 1) -> dict[str, float]:
   """Runs every job whose output is missing, `parallel` child processes at once; seconds per job run.
 
   A job starts as soon as the jobs it needs are done, earliest in `todo`
@@ -299,7 +312,7 @@ def run_jobs(todo: list[Job], d: Path, quick: bool, parallel: int) -> dict[str, 
       for job in ready[:parallel - len(running)]:
         logging.info("starting %s", job.name)
         pending.remove(job)
-        running[job.name] = (_start(job, d, quick), time.perf_counter())
+        running[job.name] = (_start(job, d, quick, seeds), time.perf_counter())
       if not running:
         raise RuntimeError(f"jobs wait for jobs that are not planned: {[j.name for j in pending]}")
       time.sleep(0.2)
@@ -359,7 +372,7 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
       merged = {**ev, **extra}
       return {k: merged[k] for k in KEYS}
 
-    for arm in arms(quick):
+    for arm in arms(quick):  # seed 0's arms; seed_rows reads the others
       wd = d / "runs" / task / arm.name
       evals = arm_evals(wd)  # the SFT arm's one evaluation at step 0, or an arm's up to its last step
       last = evals[-1]
@@ -373,6 +386,18 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
       if arm.objective:
         extras[task]["curves"][arm.name] = _curve(wd / "metrics.jsonl")
   return results, best, extras
+
+
+def seed_rows(d: Path, quick: bool, seeds: int, results: dict) -> dict:
+  """{task: {method: [results row of seed 0, 1, ...]}} for SEED_METHODS, after the last step."""
+  out = {}
+  for task, by_method in results.items():
+    extra = {k: by_method["sft"][k] for k in ("sft_distinct_2", "demo_distinct_2")}
+    out[task] = {m: [by_method[m]] for m in SEED_METHODS}
+    for arm in arms(quick, seeds)[len(arms(quick)):]:
+      last = {**arm_evals(d / "runs" / task / arm.name)[-1], **extra}
+      out[task][arm.name.rpartition("_seed")[0]].append({k: last[k] for k in KEYS})
+  return out
 
 
 def _curve(path: Path) -> tuple[list[int], list[float]]:
@@ -419,7 +444,7 @@ def check_targets(results: dict, seconds: float | None) -> list[tuple[str, bool,
   return rows
 
 
-def reproduce(workdir: str, quick: bool = False, parallel: int = 2) -> dict:
+def reproduce(workdir: str, quick: bool = False, parallel: int = 2, seeds: int = 1) -> dict:
   """Runs (or reuses) every stage and arm, then writes results.json, results.md and the plots."""
   d = Path(workdir).expanduser().absolute()
   train.check_workdir(str(d))
@@ -434,16 +459,21 @@ def reproduce(workdir: str, quick: bool = False, parallel: int = 2) -> dict:
   load_at_start = os.getloadavg()[0]
   build_assets(d, quick)
   timing["assets + splits"] = timing.get("assets + splits", 0.0) + time.perf_counter() - t0
-  seconds = run_jobs(jobs(d, quick), d, quick, parallel)
+  if seeds < 1:
+    raise UserError(f"--seeds={seeds}; use 1 (seed 0 only) or more")
+  seconds = run_jobs(jobs(d, quick, seeds), d, quick, parallel, seeds)
   for name, sec in seconds.items():
     timing[name] = timing.get(name, 0.0) + sec
-  if seconds or "total" not in timing:  # wall clock of the invocations that ran something
-    timing["total"] = timing.get("total", 0.0) + time.perf_counter() - t0
-    timing["load"] = f"{load_at_start:.1f} / {os.getloadavg()[0]:.1f}"
+  # Wall clock of the invocations that ran something; arms of extra seeds are counted apart, so
+  # "total" stays the time of the comparison itself.
+  total = "total" if seeds == 1 else "total with extra seeds"
+  if seconds or total not in timing:
+    timing[total] = timing.get(total, 0.0) + time.perf_counter() - t0
+    timing["load" if seeds == 1 else "load with extra seeds"] = f"{load_at_start:.1f} / {os.getloadavg()[0]:.1f}"
     timing["parallel"] = parallel
   timing_file.write_text(json.dumps(timing, indent=2) + "\n")
   results, best, extras = collect(d, quick)
-  targets = check_targets(results, None if quick else timing["total"])
+  targets = check_targets(results, None if quick or "total" not in timing else timing["total"])
   best_targets = check_targets(best, None)
   (d / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   (d / "results_best.json").write_text(json.dumps(best, indent=2) + "\n")
@@ -452,8 +482,12 @@ def reproduce(workdir: str, quick: bool = False, parallel: int = 2) -> dict:
     if of_regime:
       reproduce_report.plot(of_regime, extras, d / f"results_{regime}.png")
   regime_of = {t: TASKS[t][0] for t in results}
-  (d / "results.md").write_text(
-      reproduce_report.markdown(results, best, extras, targets, best_targets, timing, regime_of))
+  report = reproduce_report.markdown(results, best, extras, targets, best_targets, timing, regime_of)
+  if seeds > 1:
+    by_seed = seed_rows(d, quick, seeds, results)
+    (d / "results_seeds.json").write_text(json.dumps(by_seed, indent=2) + "\n")
+    report += reproduce_report.seeds_markdown(by_seed)
+  (d / "results.md").write_text(report)
   for t, ok, v in targets:
     logging.info("target %s: %s (%s)", t, "met" if ok else "NOT met", v)
   for t, ok, v in best_targets:
@@ -467,15 +501,16 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   f = flags.FLAGS
   if f.job:  # a child of the command: one stage or arm (JAX_COMPILATION_CACHE_DIR set by the parent)
-    exit_on_user_error(run_job)(f.job, Path(f.workdir), f.quick)
+    exit_on_user_error(run_job)(f.job, Path(f.workdir), f.quick, f.seeds)
   else:
-    exit_on_user_error(reproduce)(f.workdir, f.quick, f.parallel)
+    exit_on_user_error(reproduce)(f.workdir, f.quick, f.parallel, f.seeds)
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Directory for assets, runs and results.")
   flags.DEFINE_bool("quick", False, "Tiny corpora and few steps: checks the plumbing, numbers mean nothing.")
   flags.DEFINE_integer("parallel", 2, "Stages and arms run at once, each in its own process.")
+  flags.DEFINE_integer("seeds", 1, "Seeds of the rcfd and rcfd_group arms: 1 runs seed 0 only, 3 adds seeds 1 and 2.")
   flags.DEFINE_string("job", "", "Run one stage (REGIME/STAGE) or arm (TASK/ARM) here; the command sets it "
                       "for its child processes.")
   flags.mark_flags_as_required(["workdir"])

@@ -67,12 +67,15 @@ def markdown(results: dict, best: dict, extras: dict, targets, best_targets, tim
     lines.append(f"| {task} | {q['prompt_corr']:+.3f} ({q['samples_per_prompt']} completions per prompt) | "
                  f"{q['sft_within_prompt_std']:.3f} | {q['sft_between_prompt_std']:.3f} | {q['demo_std']:.3f} |")
   jobs_s = {k: v for k, v in timing.items() if "/" in k}
-  lines += ["", "## Time", "",
-            f"- whole command, wall clock: {timing['total'] / 60:.1f} min, with {timing['parallel']} stages or "
-            f"arms at once ({sum(jobs_s.values()) / 60:.1f} min of stages and arms in all)",
+  lines += ["", "## Time", ""]
+  for total, load in (("total", "load"), ("total with extra seeds", "load with extra seeds")):
+    if total in timing:
+      lines += [f"- {'whole command' if total == 'total' else 'the --seeds arms'}, wall clock: "
+                f"{timing[total] / 60:.1f} min, with {timing['parallel']} stages or arms at once; CPU load "
+                f"average (1 min) when they started / ended: {timing[load]}"]
+  lines += [f"- stages and arms in all: {sum(jobs_s.values()) / 60:.1f} min",
             f"- assets and splits: {timing['assets + splits'] / 60:.1f} min",
             *[f"- {k}: {v / 60:.1f} min" for k, v in jobs_s.items()],
-            f"- CPU load average (1 min) when the runs started / ended: {timing['load']}",
             "  (the timings are wall clock: other jobs on the same cores slow them down)"]
   lines += ["", "## Samples", ""]
   for task in results:
@@ -112,3 +115,20 @@ def plot(results: dict, extras: dict, path: Path) -> None:
       ax.tick_params(axis="x", labelsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
+
+
+def seeds_markdown(by_seed: dict) -> str:
+  """results.md's table of SEED_METHODS over seeds: gap in demo std / A / distinct-2 vs SFT."""
+  tasks = list(by_seed)
+  n = len(next(iter(next(iter(by_seed.values())).values())))
+  lines = ["", "## Seeds", "",
+           "After the last step, per seed: (reward - demo mean) / demo std, A (the SFT policy's A in the",
+           "sft row of the tables above), distinct-2 as a share of the SFT policy's.", "",
+           "| task | method | " + " | ".join(f"seed {s}" for s in range(n)) + " |",
+           "|---|---|" + "---|" * n]
+  for task in tasks:
+    for method, rows in by_seed[task].items():
+      cells = [f"{(m['reward_mean'] - m['demo_reward_mean']) / m['demo_reward_std']:+.2f} / "
+               f"{m['alignment']:.3f} / {100 * m['distinct_2'] / m['sft_distinct_2']:.0f}%" for m in rows]
+      lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"

@@ -100,3 +100,27 @@ def test_full_and_quick_runs_never_share_a_workdir(tmp_path):
     assert "quick reproduction" in str(e)
   else:
     raise AssertionError("a full run reused a quick workdir")
+
+
+def test_extra_seeds_rerun_the_calibrated_arms_and_report_each_seed(tmp_path):
+  """--seeds=3 adds METHOD_seed1/2 arms with config.seed set; seed_rows reads their last evaluation."""
+  names = [a.name for a in reproduce.arms(False, seeds=3)]
+  assert names[:len(reproduce.arms(False))] == [a.name for a in reproduce.arms(False)]
+  extra = reproduce.arms(False, seeds=3)[len(reproduce.arms(False)):]
+  assert [(a.name, a.seed) for a in extra] == [
+      ("rcfd_seed1", 1), ("rcfd_group_seed1", 1), ("rcfd_seed2", 2), ("rcfd_group_seed2", 2)]
+  assert reproduce.rl_config("loglik", extra[1], tmp_path, False).seed == 1
+  assert reproduce.rl_config("loglik", extra[1], tmp_path, False).rl.objective == "rcfd_group"
+  row = {k: 1.0 for k in reproduce.KEYS}
+  results = {"loglik": {"sft": dict(row, sft_distinct_2=0.5), "rcfd": row, "rcfd_group": row}}
+  for arm in extra:
+    ev_dir = tmp_path / "runs" / "loglik" / arm.name / "eval"
+    ev_dir.mkdir(parents=True)
+    for step in (50, 200):
+      ev = {k: float(step + arm.seed) for k in reproduce.KEYS}
+      (ev_dir / f"step_{step}.json").write_text(json.dumps(dict(ev, step=step)))
+  by_seed = reproduce.seed_rows(tmp_path, False, 3, results)
+  assert [r["reward_mean"] for r in by_seed["loglik"]["rcfd_group"]] == [1.0, 201.0, 202.0]
+  assert by_seed["loglik"]["rcfd"][2]["sft_distinct_2"] == 0.5
+  md = reproduce.reproduce_report.seeds_markdown(by_seed)
+  assert "| loglik | rcfd_group |" in md and "seed 2" in md
