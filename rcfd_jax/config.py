@@ -45,6 +45,8 @@ def base() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0       # sampling temperature
   c.rollout.top_k = 0               # 0 disables top-k
   c.rollout.top_p = 1.0             # 1.0 disables nucleus sampling
+  c.rollout.micro_batches = 1       # sample and score the B prompts in this many sequential chunks: one
+                                    # chunk's KV cache and scoring activations are alive at a time
 
   c.reward = ml_collections.ConfigDict()
   c.reward.sources = ("loglik",)    # reward vector: loglik | length | classifier | function (first = primary)
@@ -91,6 +93,8 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)         # (data, fsdp, tensor); -1 takes the remaining devices
   c.mesh.devices = 0                # use the first N devices; 0 = all (global over processes)
+  c.mesh.device_memory_gib = 0.0    # memory each program must fit per device at start-up; 0 = what the
+                                    # backend reports (TPU, GPU; a CPU reports none: no check)
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # host:port of process 0; empty = autodetect or single process
@@ -159,6 +163,9 @@ def check(c: ml_collections.ConfigDict) -> None:
   if c.rl.objective == "weighted":
     need(len(c.rl.alpha) == len(c.reward.sources),
          f"config.rl.alpha has {len(c.rl.alpha)} weights for {len(c.reward.sources)} reward sources")
+  need(c.rollout.micro_batches >= 1 and c.rollout.prompts_per_step % c.rollout.micro_batches == 0,
+       f"config.rollout.prompts_per_step={c.rollout.prompts_per_step} is not divisible by "
+       f"config.rollout.micro_batches={c.rollout.micro_batches}")
   rollouts = c.rollout.prompts_per_step * k
   per_update = c.rl.ppo.minibatches * c.optim.grad_accum
   need(rollouts % per_update == 0,
