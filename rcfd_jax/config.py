@@ -122,9 +122,11 @@ def paper_setup(c: ml_collections.ConfigDict, policy_path: str) -> ml_collection
   """The paper's training setup for a 7B policy: LoRA r32/a64 in bf16, Adam 5e-5, PPO clip 0.3 with
   batch-whitened rewards (no critic), evaluation and checkpoints every 50 steps; decoder layers
   rematerialised in the backward pass (benchmarks/memory.py: the update step's peak on 8
-  devices falls from 60.2 to 6.9 GiB per device)."""
+  devices falls from 60.2 to 6.9 GiB per device). Tensor-parallel pairs: the paper's batches of
+  500 and 400 prompts split evenly over the other devices of a 4- or 8-chip slice (docs/tpu.md)."""
   c.model.dtype = "bfloat16"
   c.model.remat = True
+  c.mesh.shape = (1, -1, 2)
   c.model.lora.rank = 32
   c.model.lora.alpha = 64.0
   c.model.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
