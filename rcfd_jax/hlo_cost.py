@@ -210,16 +210,14 @@ class Program:
     """HBM traffic of a fusion: its result (or in-place update) and what it reads of each operand."""
     comp = _attr(inst.attrs, "calls").lstrip("%")
     body = self.comps[comp]
+    by_name = {i.name: i for i in body}
     root = body[-1]
-    in_place = root.opcode == "dynamic-update-slice"
-    total = 2 * nbytes(self.shapes[comp][root.operands[1]]) if in_place else nbytes(inst.shape)
-    for i in body:
-      if i.opcode != "parameter":
-        continue
-      if in_place and self._uses(comp, i.name) == [root] and root.operands[0] == i.name:
-        continue  # the buffer updated in place: counted as its update above
-      total += self._read(comp, i.name)
-    return total
+    outputs = [by_name[o] for o in root.operands] if root.opcode == "tuple" else [root]
+    total = 0.0
+    for out in outputs:  # an in-place update writes (and reads) only its update
+      is_update = out.opcode == "dynamic-update-slice"
+      total += 2 * nbytes(self.shapes[comp][out.operands[1]]) if is_update else nbytes(out.shape)
+    return total + sum(self._read(comp, i.name) for i in body if i.opcode == "parameter")
 
   @functools.lru_cache(maxsize=None)
   def _users(self, comp: str) -> dict[str, list[Inst]]:
@@ -234,12 +232,14 @@ class Program:
 
   def _read(self, comp: str, name: str) -> float:
     """Bytes a fused computation reads of value `name`: all of it, or only the slices taken of it
-    (also through the nested fusions it is passed to)."""
+    (also through the nested fusions it is passed to); nothing as the buffer of an in-place update."""
     full = nbytes(self.shapes[comp][name])
     total = 0.0
     for u in self._uses(comp, name):
       if u.opcode in _SLICES and u.operands[0] == name:
         total += nbytes(u.shape)
+      elif u.opcode == "dynamic-update-slice" and u.operands[0] == name:
+        continue  # the buffer of an in-place update: its traffic is the update's
       elif u.opcode == "fusion":
         callee = _attr(u.attrs, "calls").lstrip("%")
         by_index = {int(i.args): i.name for i in self.comps[callee] if i.opcode == "parameter"}
