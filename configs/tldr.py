@@ -36,5 +36,6 @@ def get_config(arg=None):
   c.reward.classifier.label_index = 0
   c.reward.classifier.input = "pair"
   c.reward.classifier.max_tokens = 1024
-  c.optim.grad_accum = 20  # effective batch 500 = 25 x 20
+  c.rollout.micro_batches = 5  # one chunk of 100 prompts' KV cache at a time (docs/tpu.md)
+  c.optim.grad_accum = 25  # effective batch 500 = 20 x 25: micro-batches of 20 split over 4 (or 2) devices
   return c

@@ -9,7 +9,7 @@ Reward = mean per-token log-likelihood of the completion under the frozen
 initial model, i.e. the reference log-probs the step computes anyway. The paper reports: max reward drives the policy to
 -0.19 nats/token (repetitive text), humans score -1.95, RCfD -1.94.
 Policy LLaMA-2-7B with LoRA (rank 32, alpha 64); Adam 5e-5; PPO clip 0.3 with
-batch-whitened rewards; effective batch 500 (25 x 20 accumulation).
+batch-whitened rewards; effective batch 500 (the paper accumulates 25 x 20; here 20 x 25).
 Needs a TPU/GPU slice (see docs in README "Scaling out"). Hub ids can be
 replaced by local paths: --config.policy.path=/data/llama2 --config.data.path=/data/wiki.
 The argument picks the policy: --config=configs/wiki_seqll.py:HF_DIR_OR_ID.
@@ -33,6 +33,6 @@ def get_config(arg=None):
   c.rollout.prompts_per_step = 500
   c.rollout.max_new_tokens = 320
   c.reward.sources = ("loglik",)
-  c.optim.grad_accum = 20
-  c.mesh.shape = (1, -1, 1)
+  c.rollout.micro_batches = 5  # one chunk of 100 prompts' KV cache at a time (docs/tpu.md)
+  c.optim.grad_accum = 25  # effective batch 500 = 20 x 25: micro-batches of 20 split over 4 (or 2) devices
   return c

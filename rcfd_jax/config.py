@@ -46,6 +46,8 @@ def base() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0       # sampling temperature
   c.rollout.top_k = 0               # 0 disables top-k
   c.rollout.top_p = 1.0             # 1.0 disables nucleus sampling
+  c.rollout.micro_batches = 1       # sample and score the B prompts in this many sequential chunks: one
+                                    # chunk's KV cache and scoring activations are alive at a time
 
   c.reward = ml_collections.ConfigDict()
   c.reward.sources = ("loglik",)    # reward vector: loglik | length | classifier | function (first = primary)
@@ -92,6 +94,8 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)         # (data, fsdp, tensor); -1 takes the remaining devices
   c.mesh.devices = 0                # use the first N devices; 0 = all (global over processes)
+  c.mesh.device_memory_gib = 0.0    # memory each program must fit per device at start-up; 0 = what the
+                                    # backend reports (TPU, GPU; a CPU reports none: no check)
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # host:port of process 0; empty = autodetect or single process
@@ -121,9 +125,11 @@ def paper_setup(c: ml_collections.ConfigDict, policy_path: str) -> ml_collection
   """The paper's training setup for a 7B policy: LoRA r32/a64 in bf16, Adam 5e-5, PPO clip 0.3 with
   batch-whitened rewards (no critic), evaluation and checkpoints every 50 steps; decoder layers
   rematerialised in the backward pass (benchmarks/memory.py: the update step's peak on 8
-  devices falls from 60.2 to 6.9 GiB per device)."""
+  devices falls from 60.2 to 6.9 GiB per device). Tensor-parallel pairs: the paper's batches of
+  500 and 400 prompts split evenly over the other devices of a 4- or 8-chip slice (docs/tpu.md)."""
   c.model.dtype = "bfloat16"
   c.model.remat = True
+  c.mesh.shape = (1, -1, 2)
   c.model.lora.rank = 32
   c.model.lora.alpha = 64.0
   c.model.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -168,6 +174,9 @@ def check(c: ml_collections.ConfigDict) -> None:
   if c.rl.objective == "weighted":
     need(len(c.rl.alpha) == len(c.reward.sources),
          f"config.rl.alpha has {len(c.rl.alpha)} weights for {len(c.reward.sources)} reward sources")
+  need(c.rollout.micro_batches >= 1 and c.rollout.prompts_per_step % c.rollout.micro_batches == 0,
+       f"config.rollout.prompts_per_step={c.rollout.prompts_per_step} is not divisible by "
+       f"config.rollout.micro_batches={c.rollout.micro_batches}")
   rollouts = c.rollout.prompts_per_step * k
   per_update = c.rl.ppo.minibatches * c.optim.grad_accum
   need(rollouts % per_update == 0,

@@ -1,11 +1,12 @@
 """Demonstration rewards R(x, y_d): computed once per dataset, cached on disk.
 
 The demonstrations are scored by the very function that scores sampled
-completions (rcfd_jax.step.make_scorer), with the frozen initial policy and
-reward models, so R(x, y) and R(x, y_d) are comparable. The cache key names
-by content everything the scores depend on (`cache_key`): a resumed or
-repeated run reads the file instead of scoring again, and a model retrained
-in place, to the same shapes, misses the cache.
+completions (rcfd_jax.step.make_scorer, compiled as the "demo_scoring"
+program), with the frozen initial policy and reward models, so R(x, y) and
+R(x, y_d) are comparable. The cache key names by content everything the
+scores depend on (`cache_key`): a resumed or repeated run reads the file
+instead of scoring again, and a model retrained in place, to the same
+shapes, misses the cache.
 """
 
 from __future__ import annotations
@@ -17,33 +18,37 @@ import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rcfd_jax import data, fingerprint, words
+from rcfd_jax import data, distributed, fingerprint, programs, sharding, words
 from rcfd_jax.models import hf
-from rcfd_jax.step import make_scorer
 
 
 def cache_path(cache_dir: str, key: str) -> Path:
   return Path(os.path.expanduser(cache_dir)) / f"{key}.npy"
 
 
-def score(ds, parts, frozen, rewards, tokenizer, config) -> np.ndarray:
-  """[n, K] rewards of each example's demonstration, in config.reward.sources order."""
+def score(ds, progs, parts, frozen, rewards, tokenizer, config) -> np.ndarray:
+  """[n, K] rewards of each example's demonstration, in config.reward.sources order.
+
+  Runs the run's "demo_scoring" program (and its reward model on the host),
+  compiled once for config.reward.demo_batch_size rows (rcfd_jax.programs).
+  """
   n, bs = len(ds), config.reward.demo_batch_size
   batcher = data.Batcher(ds, bs, config.data, tokenizer.pad_token_id)
-  scorer = jax.jit(make_scorer(parts, rewards))
+  prog = progs["demo_scoring"]
+  rm = programs.host_rm(progs, rewards.classifier) if rewards.classifier is not None else None
   out = []
   for start in range(0, n, bs):
     idx = np.arange(start, start + bs) % n  # the last chunk wraps so shapes never change
     b = batcher.gather(idx)
-    _, graph = scorer(parts.trainable, frozen, jnp.asarray(b.prompt_ids), jnp.asarray(b.prompt_mask, bool),
-                      jnp.asarray(b.demo_ids), jnp.asarray(b.demo_mask, bool))
+    rows = [sharding.put_global(x, a.sharding) for x, a in zip(
+        (b.prompt_ids, b.prompt_mask.astype(bool), b.demo_ids, b.demo_mask.astype(bool)), prog.args[2:])]
+    _, graph = prog.fn(parts.trainable, frozen, *rows)
     host = rewards.on_host([ds.prompt_texts[i] for i in idx], [ds.demo_texts[i] for i in idx],
-                           [ds.extras[i] for i in idx])
-    parts_np = {k: np.asarray(v) for k, v in jax.device_get(graph).items()}
+                           [ds.extras[i] for i in idx], rm)
+    parts_np = distributed.to_host(graph)
     parts_np.update(host)
     out.append(rewards.stack(parts_np)[: min(bs, n - start)])
   return np.concatenate(out, axis=0).astype(np.float32)
@@ -75,7 +80,7 @@ def cache_key(ds, rewards, tokenizer, config) -> str:
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def rewards_for(datasets, parts, frozen, rewards, tokenizer, config) -> list[np.ndarray]:
+def rewards_for(datasets, progs, parts, frozen, rewards, tokenizer, config) -> list[np.ndarray]:
   """Demonstration rewards for each dataset, from the cache when present."""
   results = []
   for ds in datasets:
@@ -85,7 +90,7 @@ def rewards_for(datasets, parts, frozen, rewards, tokenizer, config) -> list[np.
       logging.info("demonstration rewards from cache %s", f)
       results.append(cached)
       continue
-    values = score(ds, parts, frozen, rewards, tokenizer, config)
+    values = score(ds, progs, parts, frozen, rewards, tokenizer, config)
     if jax.process_index() == 0:
       _write(f, values)
     results.append(values)

@@ -142,3 +142,11 @@ def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> slice:
 def _mesh_shape(sharding) -> tuple:
   mesh = getattr(sharding, "mesh", None)
   return tuple(mesh.shape.values()) if mesh is not None else ()
+
+
+def to_host(x) -> np.ndarray:
+  """A global array (or tree) whole on the host of every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return jax.tree.map(np.asarray, jax.device_get(x))

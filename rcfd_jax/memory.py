@@ -9,8 +9,8 @@ Two sources, both cheap and neither allocating anything:
     for SPMD programs. Lowering accepts ShapeDtypeStructs, so a 7B step can
     be analysed without its weights.
 
-train.run logs `step_report` once after the first step (the step is then
-in JAX's compilation cache, so the analysis costs no second compile).
+rcfd_jax.programs adds up, per program, what a device holds while it runs
+(train.run checks it at start-up, rcfd_jax.aot for TPU topologies);
 benchmarks/memory.py uses the same functions for the scaling table.
 """
 
@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from absl import logging
 
 GiB = 1024**3
 MiB = 1024**2
@@ -72,20 +71,3 @@ def compiled_stats(jitted: Callable, *args) -> CompiledStats | None:
 def fmt(n: float) -> str:
   """Bytes as a short human string."""
   return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
-
-
-def step_report(name: str, jitted: Callable, *, trainable: Any, frozen: Any, opt_state: Any, args: tuple) -> dict:
-  """Logs and returns per-device bytes of params, optimizer state and step temporaries."""
-  stats = compiled_stats(jitted, *args)
-  out = {"trainable_params": tree_bytes(trainable), "frozen_params": tree_bytes(frozen),
-         "optimizer_state": tree_bytes(opt_state)}
-  if stats is not None:
-    out.update(temporaries=stats.temporaries, peak_estimate=stats.peak_estimate)
-  if jax.process_index() != 0:  # every process computes (cheap), process 0 logs
-    return out
-  logging.info("memory per device (%s, %d devices): params %s trainable + %s frozen, optimizer state %s%s",
-               name, jax.device_count(), fmt(out["trainable_params"]), fmt(out["frozen_params"]),
-               fmt(out["optimizer_state"]),
-               f", step temporaries {fmt(stats.temporaries)}, peak ~{fmt(stats.peak_estimate)}"
-               if stats is not None else "")
-  return out

@@ -93,10 +93,15 @@ def build(lm: nnx.Module, config, *, value_head: bool, mesh) -> tuple[PolicyPart
   with nnx.use_eager_sharding(False):  # placed with its logical sharding just below
     policy = Policy(lm, hidden_size(lm), value_head=value_head, rngs=rngs)
   graphdef, trainable, frozen = nnx.split(policy, trainable_filter(uses_lora), ...)
-  # Newly added variables (adapters, value head) are placed with their logical sharding.
-  trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))
+  # Newly added variables (adapters, value head) are placed with their logical sharding; beside
+  # an abstract LM (models.load_abstract) they stay abstract.
+  shardings = sharding.state_shardings(trainable, mesh)
+  if sharding.is_abstract((trainable, frozen)):
+    trainable = sharding.abstract(trainable, shardings)
+  else:
+    trainable = jax.device_put(trainable, shardings)
   parts = PolicyParts(graphdef, trainable, frozen, uses_lora)
-  ref = None if uses_lora else jax.tree.map(jnp.copy, trainable)
+  ref = None if uses_lora else sharding.run_placed(lambda t: jax.tree.map(jnp.copy, t), shardings, trainable)
   return parts, ref
 
 

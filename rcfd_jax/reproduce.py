@@ -194,17 +194,16 @@ def evaluate_sft(config, wd: Path) -> dict:
   s, state = train.build(config, wd)
   wd = train.prepare_workdir(str(wd))
   (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
-  steps = train.compile_steps(s)
-  result = validate.run(s, steps.eval_rollout, state, wd, 0)
+  result = validate.run(s, s.steps, state, wd, 0)
   n = min(config.eval.num_prompts, len(s.val))
   demos = {"demo_distinct_2": evaluation.distinct_n(s.val.demo_ids[:n], 2),
            "demo_length_mean": float(np.mean([len(x) for x in s.val.demo_ids[:n]])),
-           **predictability(s, steps.eval_rollout, state, n)}
+           **predictability(s, s.steps, state, n)}
   (wd / "demos.json").write_text(json.dumps(demos, indent=2) + "\n")
   return result
 
 
-def predictability(s, rollout, state, n: int, samples: int = PREDICTABILITY_SAMPLES) -> dict:
+def predictability(s, steps, state, n: int, samples: int = PREDICTABILITY_SAMPLES) -> dict:
   """How much of the demonstration's reward R_d the prompt x predicts, seen from the SFT policy.
 
   RCfD's expected loss on a prompt is (E[R | x] - R_d)^2 + Var(R | x). Over
@@ -217,7 +216,7 @@ def predictability(s, rollout, state, n: int, samples: int = PREDICTABILITY_SAMP
   """
   rewards, passes = [], -(-samples // s.config.eval.samples_per_prompt)
   for k in range(passes):  # a new sampling key per pass: the step folds into the key
-    g = validate.generate(s, rollout, state.replace(step=state.step + k), s.val, s.demo_val, n)
+    g = validate.generate(s, steps, state.replace(step=state.step + k), s.val, s.demo_val, n)
     rewards.append(g["rewards"][:, :, 0])  # [n, eval.samples_per_prompt] of the first reward
   r, demo = np.concatenate(rewards, axis=1)[:, :samples], g["demo"][:, 0]
   mean = r.mean(axis=1)

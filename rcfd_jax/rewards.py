@@ -101,8 +101,7 @@ class Classifier:
   max_tokens: int
   input: str              # "concat": RM reads prompt + completion; "pair": tokenizer(prompt, completion)
   model_dir: Path         # its weights' content names its demonstration rewards in the cache
-  tokenizer_fp: str       # fingerprint.tokenizer of its tokenizer
-  _forward: Any = None
+  tokenizer_fp: str | None  # fingerprint.tokenizer of its tokenizer (None when built without one)
 
   def logits_fn(self):
     label = self.label_index
@@ -129,29 +128,23 @@ class Classifier:
                       f"tokens as unknown ({self.tokenizer.unk_token}); its vocabulary cannot read this data "
                       "or the policy's text: use a reward model trained on this language")
 
-  def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
-    """Host bridge: tokenize with the RM's own tokenizer, run the RM jitted (fixed shapes)."""
+  def encode(self, prompts: list[str], completions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Host bridge: (ids, mask) [rows, max_tokens] from the RM's own tokenizer, fixed shapes.
+
+    The RM program (rcfd_jax.programs, "reward_model") then scores them.
+    """
     if self.input == "pair":  # preference RMs read (question, answer) pairs
       enc = self.tokenizer(prompts, completions, padding="max_length", truncation=True,
                            max_length=self.max_tokens, return_tensors="np")
     else:
       enc = self.tokenizer([p + c for p, c in zip(prompts, completions)], padding="max_length",
                            truncation=True, max_length=self.max_tokens, return_tensors="np")
-    if self._forward is None:
-      self._forward = jax.jit(self.logits_fn())
-    mask = enc["attention_mask"].astype(bool)
-    return np.asarray(self._forward(self.state, jnp.asarray(enc["input_ids"]), jnp.asarray(mask)))
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
 
 
-def load_classifier(cfg, policy_tokenizer, mesh) -> Classifier:
-  """Loads config.reward.classifier.path and decides whether it can run in the step."""
+def load_rm_tokenizer(model_dir):
+  """The reward model's tokenizer, padding with eos where it has no pad token."""
   from transformers import AutoTokenizer
-  model_dir = hf.resolve_dir(cfg.path)
-  model = models.load_pretrained(str(model_dir), task="seq_cls", mesh=mesh)
-  n_labels = model.config.num_labels
-  if not 0 <= cfg.label_index < n_labels:
-    raise UserError(f"config.reward.classifier.label_index={cfg.label_index} but {cfg.path} has "
-                    f"{n_labels} labels")
   try:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
   except Exception as e:
@@ -161,11 +154,31 @@ def load_classifier(cfg, policy_tokenizer, mesh) -> Classifier:
       raise UserError(f"the reward model's tokenizer in {model_dir} has neither a pad nor an eos token; "
                       "set pad_token in its tokenizer_config.json")
     tok.pad_token = tok.eos_token
+  return tok
+
+
+def load_classifier(cfg, policy_tokenizer, mesh, load=models.load_pretrained,
+                    load_tokenizer=load_rm_tokenizer) -> Classifier:
+  """Loads config.reward.classifier.path and decides whether it can run in the step.
+
+  `load` and `load_tokenizer` are models.load_pretrained and load_rm_tokenizer
+  for training; rcfd_jax.aot passes models.load_abstract and a loader that
+  returns None where a directory holds only config.json. Without both
+  tokenizers, a decoder RM is taken to share the policy's (an encoder never does).
+  """
+  model_dir = hf.resolve_dir(cfg.path)
+  model = load(str(model_dir), task="seq_cls", mesh=mesh)
+  n_labels = model.config.num_labels
+  if not 0 <= cfg.label_index < n_labels:
+    raise UserError(f"config.reward.classifier.label_index={cfg.label_index} but {cfg.path} has "
+                    f"{n_labels} labels")
+  tok = load_tokenizer(model_dir)
   # In the step the RM reads the policy's token ids: only a tokenizer that makes the same ids
   # from any text (vocabulary, merges, normalizer, special tokens) may skip re-tokenizing.
-  tokenizer_fp = fingerprint.tokenizer(tok)
-  in_graph = (model.config.model_type in ("gpt2", "llama", "qwen2", "mistral")
-              and tokenizer_fp == fingerprint.tokenizer(policy_tokenizer))
+  tokenizer_fp = fingerprint.tokenizer(tok) if tok is not None else None
+  same_tokenizer = (tok is None or policy_tokenizer is None
+                    or tokenizer_fp == fingerprint.tokenizer(policy_tokenizer))
+  in_graph = model.config.model_type in ("gpt2", "llama", "qwen2", "mistral") and same_tokenizer
   graphdef, state = nnx.split(model)
   if cfg.input not in ("concat", "pair"):
     raise UserError(f"config.reward.classifier.input={cfg.input!r}; use concat or pair")
@@ -199,9 +212,10 @@ class Rewards:
   @property
   def needs_host(self) -> bool:
     """True when some reward must be computed on the host between rollout and update."""
-    return any(self._on_host(s) for s in self.sources)
+    return any(self.on_host_source(s) for s in self.sources)
 
-  def _on_host(self, s: Source) -> bool:
+  def on_host_source(self, s: Source) -> bool:
+    """Whether source `s` is computed on the host (a Python function, or an RM with its own tokenizer)."""
     return s.kind == "function" or (s.kind == "classifier" and not self.classifier.in_graph)
 
   def in_graph(self, rm_state, seq_ids, seq_mask, completion_mask, ref_logp) -> dict[str, jax.Array]:
@@ -218,12 +232,17 @@ class Rewards:
         out[s.name] = self.classifier.logits_fn()(rm_state, seq_ids, seq_mask).astype(jnp.float32)
     return out
 
-  def on_host(self, prompts: list[str], completions: list[str], rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rewards that need text: the RM bridge and Python functions."""
+  def on_host(self, prompts: list[str], completions: list[str], rows: list[dict],
+              rm: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Rewards that need text: the RM bridge and Python functions.
+
+    rm(ids, mask) -> [rows] scores: the compiled reward-model program for this
+    many rows (programs.host_forward), needed when the classifier runs on the host.
+    """
     out = {}
     for s in self.sources:
       if s.kind == "classifier" and not self.classifier.in_graph:
-        out[s.name] = self.classifier.score(prompts, completions)
+        out[s.name] = np.asarray(rm(*self.classifier.encode(prompts, completions)), np.float32)
       elif s.kind == "function":
         vals = np.asarray(self.function(prompts, completions, rows), np.float32)
         if vals.shape != (len(completions),):
@@ -237,11 +256,12 @@ class Rewards:
     return xp.stack([xp.asarray(parts[n], dtype=xp.float32) for n in self.names], axis=-1)
 
 
-def build(cfg, policy_tokenizer, mesh) -> Rewards:
-  """Rewards from config.reward (sources, classifier, function)."""
+def build(cfg, policy_tokenizer, mesh, load=models.load_pretrained, load_tokenizer=load_rm_tokenizer) -> Rewards:
+  """Rewards from config.reward (sources, classifier, function); load_classifier says what the loaders are."""
   sources = parse_sources(cfg.sources)
   kinds = {s.kind for s in sources}
-  classifier = load_classifier(cfg.classifier, policy_tokenizer, mesh) if "classifier" in kinds else None
+  classifier = (load_classifier(cfg.classifier, policy_tokenizer, mesh, load, load_tokenizer)
+                if "classifier" in kinds else None)
   function = None
   if "function" in kinds:
     if cfg.function.module:
@@ -259,6 +279,8 @@ def build(cfg, policy_tokenizer, mesh) -> Rewards:
   for s in sources:
     if s.kind == "words":
       lexicon = s.name.partition(":")[2]
+      if policy_tokenizer is None:
+        raise UserError(f"reward source {s.name!r} needs the policy's tokenizer; pass a policy directory that holds one")
       if lexicon not in words.lexicons():
         raise UserError(f"reward source {s.name!r}: unknown lexicon; use words:" + " | words:".join(words.lexicons()))
       automata[s.name] = words.compile_tokens(words.lexicons()[lexicon], policy_tokenizer)

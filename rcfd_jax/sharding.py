@@ -94,6 +94,15 @@ def spec_for(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mes
   return P(*out)
 
 
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """x laid out by logical `names` on the mesh being compiled for (the abstract mesh that
+  rcfd_jax.programs traces under); unchanged where there is none (a plain jit, one device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, spec_for(names, x.shape, mesh))
+
+
 def variable_names(v: nnx.Variable) -> tuple[str | None, ...] | None:
   """The logical axis names a variable was annotated with, or None."""
   return v.get_metadata().get("out_sharding")
@@ -117,6 +126,41 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Sharding for a [batch, ...] activation: batch over (data, fsdp)."""
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def rows_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+  """Sharding of a [rows, ...] array the trainer feeds or returns: rows over (data, fsdp) where they
+  divide, replicated where they do not (spec_for's rule for the "batch" name)."""
+  return NamedSharding(mesh, spec_for(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
+
+
+def is_abstract(tree: Any) -> bool:
+  """Whether a pytree holds jax.ShapeDtypeStruct leaves: a model or state built without weights."""
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+  """The tree's leaves as ShapeDtypeStructs carrying `shardings` (a matching tree)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def run_placed(fn: Callable, out_shardings: Any, *args) -> Any:
+  """fn(*args) with its outputs born on `out_shardings`, never whole on one device.
+
+  With abstract arguments (ShapeDtypeStruct leaves, see is_abstract) nothing
+  runs: the result is fn's output shapes carrying out_shardings. So the same
+  construction code builds a trainer for real devices and, without weights,
+  for a TPU topology that is only compiled for (rcfd_jax.aot).
+  """
+  if is_abstract(args):
+    return abstract(jax.eval_shape(fn, *args), out_shardings)
+  return jax.jit(fn, out_shardings=out_shardings)(*args)
+
+
+def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array that every process holds whole, as a global array on `sharding`."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

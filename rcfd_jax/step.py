@@ -261,7 +261,9 @@ def make_update(parts: PolicyParts, rewards: Rewards, tx: optax.GradientTransfor
     micro-batch token means would over-weight micro-batches of short
     completions).
     """
-    micro = jax.tree.map(lambda x: x.reshape(sc.grad_accum, -1, *x.shape[1:]), mb)
+    # Micro-batch g holds rows g, g + grad_accum, ...: with the rows split over the devices in
+    # contiguous blocks, every micro-batch is spread evenly over all of them.
+    micro = jax.tree.map(lambda x: x.reshape(-1, sc.grad_accum, *x.shape[1:]).swapaxes(0, 1), mb)
     if sc.loss_agg == "token_mean":
       tokens = micro["mask"].astype(jnp.float32).sum(axis=(1, 2))
       weights = tokens / jnp.maximum(tokens.sum(), 1.0)
@@ -291,8 +293,8 @@ def make_update(parts: PolicyParts, rewards: Rewards, tx: optax.GradientTransfor
 
     def epoch(carry, key):
       params, opt_state, ok_all = carry
-      perm = jax.random.permutation(key, n) if sc.minibatches > 1 else jnp.arange(n)
-      mbs = jax.tree.map(lambda x: x[perm].reshape(sc.minibatches, -1, *x.shape[1:]), data)
+      shuffle = (lambda x: x[jax.random.permutation(key, n)]) if sc.minibatches > 1 else (lambda x: x)
+      mbs = jax.tree.map(lambda x: shuffle(x).reshape(sc.minibatches, -1, *x.shape[1:]), data)
 
       def one(c, mb):
         params, opt_state, ok_all = c

@@ -21,11 +21,11 @@ import optax
 from absl import logging
 from flax import nnx
 
-from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, memory, metrics, models,
-                      policy as policy_lib, prepare, rewards as rewards_lib, sharding, validate)
+from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, metrics, models,
+                      policy as policy_lib, prepare, programs, rewards as rewards_lib, sharding, validate)
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import hf
-from rcfd_jax.step import Batch, Frozen, StepConfig, TrainState, make_rollout, make_update
+from rcfd_jax.step import Batch, Frozen, StepConfig, TrainState
 
 
 def optimizer(c) -> optax.GradientTransformation:
@@ -89,44 +89,99 @@ class Setup:
   train: data.PromptDataset
   val: data.PromptDataset
   batcher: data.Batcher
-  demo_train: np.ndarray
-  demo_val: np.ndarray
+  demo_train: np.ndarray | None  # R(x, y_d) per example, [n, K]; None until score_demonstrations
+  demo_val: np.ndarray | None
   sc: StepConfig
   tx: optax.GradientTransformation
   state_sh: TrainState
+  steps: Steps | None = None    # the run's programs (compile_steps), built once
 
 
-def build(config, workdir: Path) -> tuple[Setup, TrainState]:
-  mesh = sharding.mesh_from_config(config.mesh)
-  dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-  # The model directories before the data: a directory without tokenizer files loads as an
-  # empty tokenizer, which would surface as "no examples left" rather than as what it is.
-  hf.check_dir(hf.resolve_dir(config.policy.path), tokenizer=True)
-  if any(s.kind == "classifier" for s in rewards_lib.parse_sources(config.reward.sources)):
-    hf.check_dir(hf.resolve_dir(config.reward.classifier.path), tokenizer=True)
-  tokenizer = load_tokenizer(config.policy.path)
-  splits = data.load(config.data, tokenizer)
-  train_ds, val_ds = splits.train, splits.validation
-  lm = models.load_pretrained(config.policy.path, task="causal_lm", dtype=dtype, mesh=mesh)
+@dataclasses.dataclass
+class Trainer:
+  """What the programs are built from; the same for a run (weights) and for rcfd_jax.aot (abstract)."""
+  parts: policy_lib.PolicyParts
+  frozen: Frozen
+  rewards: rewards_lib.Rewards
+  sc: StepConfig
+  tx: optax.GradientTransformation
+  state: TrainState
+  state_sh: TrainState
+
+
+def dtype_of(config):
+  return jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+
+
+def make_trainer(config, mesh, tokenizer, eos_id: int, pad_id: int, load=models.load_pretrained,
+                 load_tokenizer=rewards_lib.load_rm_tokenizer) -> Trainer:
+  """Policy (+ LoRA, value head), reward sources, step config, optimizer and initial state on `mesh`.
+
+  `load` is models.load_pretrained for training; rcfd_jax.aot passes
+  models.load_abstract (and a tokenizer loader that tolerates directories
+  holding only config.json), so everything below is the same code with
+  abstract values.
+  """
+  lm = load(config.policy.path, task="causal_lm", dtype=dtype_of(config), mesh=mesh)
   need = config.data.max_prompt_tokens + config.rollout.max_new_tokens
   if need > lm.config.max_positions:
     raise UserError(f"config.data.max_prompt_tokens {config.data.max_prompt_tokens} + max_new_tokens "
                     f"{config.rollout.max_new_tokens} = {need} exceeds the policy's context "
                     f"{lm.config.max_positions}; lower config.data.max_prompt_tokens or config.rollout.max_new_tokens")
-  rewards = rewards_lib.build(config.reward, tokenizer, mesh)
-  if rewards.classifier is not None:
-    rewards.classifier.check_reads(train_ds.prompt_texts[:64] + train_ds.demo_texts[:64])
+  rewards = rewards_lib.build(config.reward, tokenizer, mesh, load, load_tokenizer)
   parts, ref = policy_lib.build(lm, config, value_head=config.rl.baseline == "gae", mesh=mesh)
   rm_state = rewards.classifier.state if rewards.classifier is not None and rewards.classifier.in_graph else None
-  frozen = Frozen(parts.frozen, ref, rm_state)
-  sc = StepConfig.from_config(config, tokenizer.eos_token_id, tokenizer.pad_token_id)
-  demo_train, demo_val = demos.rewards_for((train_ds, val_ds), parts, frozen, rewards, tokenizer, config)
   tx = optimizer(config.optim)
   state, state_sh = init_state(config, parts.trainable, tx, mesh)
-  batcher = data.Batcher(train_ds, config.rollout.prompts_per_step, config.data, tokenizer.pad_token_id)
-  setup = Setup(config, mesh, tokenizer, parts, frozen, rewards, train_ds, val_ds, batcher,
-                demo_train, demo_val, sc, tx, state_sh)
-  return setup, state
+  return Trainer(parts, Frozen(parts.frozen, ref, rm_state), rewards,
+                 StepConfig.from_config(config, eos_id, pad_id), tx, state, state_sh)
+
+
+def setup(config) -> tuple[Setup, TrainState]:
+  """Loads tokenizer, data and models and builds the run's programs; demonstrations not yet scored."""
+  mesh = sharding.mesh_from_config(config.mesh)
+  # The model directories before the data: a directory without tokenizer files loads as an
+  # empty tokenizer, which would surface as "no examples left" rather than as what it is.
+  hf.check_dir(hf.resolve_dir(config.policy.path), tokenizer=True)
+  if any(src.kind == "classifier" for src in rewards_lib.parse_sources(config.reward.sources)):
+    hf.check_dir(hf.resolve_dir(config.reward.classifier.path), tokenizer=True)
+  tokenizer = load_tokenizer(config.policy.path)
+  splits = data.load(config.data, tokenizer)
+  t = make_trainer(config, mesh, tokenizer, tokenizer.eos_token_id, tokenizer.pad_token_id)
+  if t.rewards.classifier is not None:
+    t.rewards.classifier.check_reads(splits.train.prompt_texts[:64] + splits.train.demo_texts[:64])
+  batcher = data.Batcher(splits.train, config.rollout.prompts_per_step, config.data, tokenizer.pad_token_id)
+  s = Setup(config, mesh, tokenizer, t.parts, t.frozen, t.rewards, splits.train, splits.validation, batcher,
+            None, None, t.sc, t.tx, t.state_sh)
+  s.steps = compile_steps(s, t.state)
+  return s, t.state
+
+
+def check_memory(s: Setup, state: TrainState) -> dict:
+  """Compiles every program of the run now and stops with one line if one cannot fit a device.
+
+  The limit is config.mesh.device_memory_gib, else what the backend reports
+  (TPU, GPU; a CPU reports none, and nothing is checked). The jitted
+  functions the loop calls reuse these compilations.
+  """
+  device = s.mesh.devices.flat[0]
+  limit = programs.device_memory(s.config.mesh.device_memory_gib, device)
+  resident = programs.resident_bytes(state, s.frozen, s.rewards)
+  return programs.compile_checked(s.steps.programs, resident, limit, f"a {device.platform.upper()} device")[1]
+
+
+def score_demonstrations(s: Setup) -> Setup:
+  """R(x, y_d) of the training and validation demonstrations, from the cache when present."""
+  s.demo_train, s.demo_val = demos.rewards_for(
+      (s.train, s.val), s.steps.programs, s.parts, s.frozen, s.rewards, s.tokenizer, s.config)
+  return s
+
+
+def build(config, workdir: Path) -> tuple[Setup, TrainState]:
+  """setup + score_demonstrations: a Setup ready for the loop (run also checks memory in between)."""
+  del workdir  # nothing is written under it before the loop
+  s, state = setup(config)
+  return score_demonstrations(s), state
 
 
 def init_state(config, params: nnx.State, tx, mesh) -> tuple[TrainState, TrainState]:
@@ -145,37 +200,31 @@ def init_state(config, params: nnx.State, tx, mesh) -> tuple[TrainState, TrainSt
         beta=jnp.asarray(config.rl.beta, jnp.float32), bad_steps=jnp.zeros((), jnp.int32),
         skipped_total=jnp.zeros((), jnp.int32))
 
-  return jax.jit(make, out_shardings=state_sh)(params), state_sh
+  return sharding.run_placed(make, state_sh, params), state_sh
 
 
 @dataclasses.dataclass
 class Steps:
-  """The compiled functions of one run."""
+  """The jitted programs of one run (rcfd_jax.programs)."""
   fused: Any         # (state, frozen, batch) -> (state, metrics), when no reward needs the host
   rollout: Any       # (state, frozen, batch) -> Rollout, when a reward needs the host
   update: Any        # (state, frozen, rollout, host_rewards) -> (state, metrics)
   eval_rollout: Any  # one sample per prompt at the evaluation temperature
+  programs: dict     # name -> programs.Program, all of the above and the reward-model and demo programs
+  rm: Any            # rm(ids, mask) -> scores, the host bridge's reward model (None without one)
 
 
-def compile_steps(s: Setup) -> Steps:
-  """Jitted step functions with explicit shardings and donated state."""
-  state_sh = s.state_sh
-  frozen_sh = jax.tree.map(lambda x: x.sharding, s.frozen)
-  rollout = make_rollout(s.parts, s.rewards, s.sc)
-  update = make_update(s.parts, s.rewards, s.tx, s.sc)
-  eval_sc = dataclasses.replace(s.sc, samples_per_prompt=s.config.eval.samples_per_prompt,
-                                temperature=s.config.eval.temperature,
-                                metrics_every=1)  # evaluation reports the KL: always the reference
-  eval_rollout = jax.jit(make_rollout(s.parts, s.rewards, eval_sc), in_shardings=(state_sh, frozen_sh, None))
-  if not s.rewards.needs_host:
-    fused = jax.jit(lambda st, fr, b: update(st, fr, rollout(st, fr, b), None),
-                    in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None),
-                    donate_argnums=0)
-    return Steps(fused, None, None, eval_rollout)
-  rollout_j = jax.jit(rollout, in_shardings=(state_sh, frozen_sh, None))
-  update_j = jax.jit(update, in_shardings=(state_sh, frozen_sh, None, None),
-                     out_shardings=(state_sh, None), donate_argnums=0)
-  return Steps(None, rollout_j, update_j, eval_rollout)
+def compile_steps(s: Setup, state: TrainState | None = None) -> Steps:
+  """The run's jitted programs, with explicit shardings and donated state (rcfd_jax.programs).
+
+  `state` gives the train state's shapes; by default those s.state_sh describes.
+  """
+  if state is None:
+    state = init_state(s.config, programs.abstract_of(s.parts.trainable), s.tx, s.mesh)[0]
+  progs = programs.build(s.parts, s.frozen, s.rewards, s.sc, s.tx, state, s.config)
+  fn = lambda name: progs[name].fn if name in progs else None
+  rm = programs.host_rm(progs, s.rewards.classifier) if s.rewards.classifier is not None else None
+  return Steps(fn("iteration"), fn("rollout"), fn("update"), fn("eval_rollout"), progs, rm)
 
 
 def device_batch(s: Setup, batcher: data.Batcher, indices: np.ndarray, demo: np.ndarray) -> Batch:
@@ -186,35 +235,28 @@ def device_batch(s: Setup, batcher: data.Batcher, indices: np.ndarray, demo: np.
   `indices` order on any number of processes.
   """
   n = len(indices)
-  sh = jax.sharding.NamedSharding(s.mesh, sharding.spec_for(("batch",), (n,), s.mesh))
+  sh = sharding.rows_sharding(s.mesh, (n,))
   host = batcher.gather(np.asarray(indices)[distributed.process_rows(sh, n)])
 
   def put(x):
     x = np.asarray(x)
-    spec = sharding.spec_for(("batch",) + (None,) * (x.ndim - 1), (n,) + x.shape[1:], s.mesh)
-    return jax.make_array_from_process_local_data(jax.sharding.NamedSharding(s.mesh, spec), x,
-                                                  (n,) + x.shape[1:])
+    shape = (n,) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding.rows_sharding(s.mesh, shape), x, shape)
   return Batch(put(host.prompt_ids), put(host.prompt_mask.astype(bool)), put(demo[host.indices]))
 
 
-def host_rewards(s: Setup, ro, indices: np.ndarray) -> dict:
-  """The bridge: decode the rollout's completions, score them with host-side rewards."""
-  return score_on_host(s, s.train, indices, np.asarray(gather(ro.tokens)), np.asarray(gather(ro.mask)))
+def host_rewards(s: Setup, ro, indices: np.ndarray, rm=None) -> dict:
+  """The bridge: decode the rollout's completions, score them with host-side rewards (rm: Steps.rm)."""
+  return score_on_host(s, s.train, indices, distributed.to_host(ro.tokens), distributed.to_host(ro.mask), rm)
 
 
-def score_on_host(s: Setup, ds: data.PromptDataset, indices, tokens: np.ndarray, mask: np.ndarray) -> dict:
+def score_on_host(s: Setup, ds: data.PromptDataset, indices, tokens: np.ndarray, mask: np.ndarray,
+                  rm=None) -> dict:
   """Host-side rewards of completions; rows are the prompts at `indices`, each repeated per sample."""
   completions = s.tokenizer.batch_decode(np.where(mask, tokens, s.tokenizer.pad_token_id),
                                          skip_special_tokens=True)
   idx = np.repeat(np.asarray(indices), len(tokens) // len(indices))  # k samples per prompt, in order
-  return s.rewards.on_host([ds.prompt_texts[i] for i in idx], completions, [ds.extras[i] for i in idx])
-
-
-def gather(x):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(x, tiled=True)
-  return jax.device_get(x)
+  return s.rewards.on_host([ds.prompt_texts[i] for i in idx], completions, [ds.extras[i] for i in idx], rm)
 
 
 def run(config, workdir: str) -> TrainState:
@@ -224,7 +266,9 @@ def run(config, workdir: str) -> TrainState:
   check_workdir(workdir)
   if config.assets_dir:  # the tiny config's corpus and random models, built on first use
     prepare.build(config.assets_dir)
-  s, state = build(config, Path(workdir))
+  s, state = setup(config)
+  check_memory(s, state)
+  s = score_demonstrations(s)
   wd = prepare_workdir(workdir)
   ckpt = checkpoint.Checkpointer(wd / "checkpoints", max_to_keep=config.checkpoint.keep)
   writer = metrics.MetricsWriter(wd, config.total_steps)
@@ -238,7 +282,7 @@ def run(config, workdir: str) -> TrainState:
   writer.truncate_after(start)
   if jax.process_index() == 0:
     (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
-  steps = compile_steps(s)
+  steps = s.steps
   t_last = time.perf_counter()
   write_error = None
   try:
@@ -252,12 +296,9 @@ def run(config, workdir: str) -> TrainState:
         else:
           ro = steps.rollout(state, s.frozen, batch)
           with rewards_lib.Timer() as bridge:
-            hr = host_rewards(s, ro, indices)
+            hr = host_rewards(s, ro, indices, steps.rm)
+            hr = {k: sharding.put_global(v, sharding.rows_sharding(s.mesh, v.shape)) for k, v in hr.items()}
           state, m = steps.update(state, s.frozen, ro, hr)
-        if step == start:  # the step is compiled now, so its analysis is free
-          memory.step_report("train step", steps.fused or steps.update, trainable=state.params,
-                             frozen=s.frozen, opt_state=state.opt_state,
-                             args=(state, s.frozen, batch) if steps.fused else (state, s.frozen, ro, hr))
         done = step + 1
         # Log: metrics leave the device only here.
         if done % config.log_every_steps == 0 or done == config.total_steps:
@@ -276,7 +317,7 @@ def run(config, workdir: str) -> TrainState:
         if done % config.checkpoint.every_steps == 0 or done == config.total_steps or preempted:
           ckpt.save(done, state, _meta(s, config, state, done))
         if done % config.eval.every_steps == 0 or done == config.total_steps:
-          validate.run(s, steps.eval_rollout, state, wd, done)
+          validate.run(s, steps, state, wd, done)
           t_last = time.perf_counter()  # tokens_per_second counts training time only
         if preempted:
           logging.warning("SIGTERM received: saved step %d and stopping", done)

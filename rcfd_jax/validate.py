@@ -7,7 +7,7 @@ samples) and PNG plots (reward histogram of policy vs demonstrations;
 log-likelihood by position; per-prompt mean reward against R_d).
 The rollout used here is the training rollout compiled once more with
 eval.samples_per_prompt samples per prompt and the evaluation temperature
-(train.compile_steps). The per-sample metrics (reward, A, distinct-n, length,
+(the "eval_rollout" program, rcfd_jax.programs). The per-sample metrics (reward, A, distinct-n, length,
 KL) read the first sample of each prompt, so they do not depend on
 eval.samples_per_prompt; the group monitors read all of them.
 """
@@ -19,11 +19,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rcfd_jax import evaluation, rl
+from rcfd_jax import distributed, evaluation, rl
 
-
-def generate(s, rollout, state, ds, demo: np.ndarray, num_prompts: int) -> dict[str, np.ndarray | list]:
-  """Completions and rewards for the first num_prompts prompts of `ds`, batch by batch.
+def generate(s, steps, state, ds, demo: np.ndarray, num_prompts: int) -> dict[str, np.ndarray | list]:
+  """Completions and rewards for the first num_prompts prompts of `ds`, batch by batch (steps: train.Steps).
 
   Arrays are [n, k, ...]: k = eval.samples_per_prompt completions per prompt;
   "demo" is [n, K].
@@ -36,27 +35,26 @@ def generate(s, rollout, state, ds, demo: np.ndarray, num_prompts: int) -> dict[
   for start in range(0, n, b):
     idx = np.arange(start, start + b) % n
     batch = train.device_batch(s, batcher, idx, demo)
-    ro = rollout(state, s.frozen, batch)
-    parts = {name: np.asarray(train.gather(v)) for name, v in ro.rewards.items()}
-    tokens, cmask = np.asarray(train.gather(ro.tokens)), np.asarray(train.gather(ro.mask))
+    ro = distributed.to_host(steps.eval_rollout(state, s.frozen, batch))
+    parts = dict(ro.rewards)
     if s.rewards.needs_host:
-      parts.update(train.score_on_host(s, ds, idx, tokens, cmask))
+      parts.update(train.score_on_host(s, ds, idx, ro.tokens, ro.mask, steps.rm))
     keep = min(b, n - start)
-    by_prompt = lambda x: x.reshape(b, k, *x.shape[1:])[:keep]  # rollouts are prompt-major
+    by_prompt = lambda x: np.asarray(x).reshape(b, k, *x.shape[1:])[:keep]  # rollouts are prompt-major
     out["rewards"].append(by_prompt(s.rewards.stack(parts)))
-    out["tokens"].append(by_prompt(tokens))
-    out["mask"].append(by_prompt(cmask))
-    out["logp"].append(by_prompt(np.asarray(train.gather(ro.logp))))
-    out["ref_logp"].append(by_prompt(np.asarray(train.gather(ro.ref_logp))))
+    out["tokens"].append(by_prompt(ro.tokens))
+    out["mask"].append(by_prompt(ro.mask))
+    out["logp"].append(by_prompt(ro.logp))
+    out["ref_logp"].append(by_prompt(ro.ref_logp))
   res = {name: np.concatenate(v, axis=0) for name, v in out.items()}
   res["demo"] = demo[:n]
   res["prompts"] = [ds.prompt_texts[i] for i in range(n)]
   return res
 
 
-def run(s, rollout, state, wd: Path, step: int) -> dict:
+def run(s, steps, state, wd: Path, step: int) -> dict:
   """One evaluation: metrics dict, also written under wd/eval."""
-  g = generate(s, rollout, state, s.val, s.demo_val, s.config.eval.num_prompts)
+  g = generate(s, steps, state, s.val, s.demo_val, s.config.eval.num_prompts)
   first = {name: g[name][:, 0] for name in ("rewards", "tokens", "mask", "logp", "ref_logp")}
   mask = first["mask"].astype(bool)
   seq_kl = np.asarray(rl.sequence_kl(first["logp"], first["ref_logp"], mask, "k1"))

@@ -154,7 +154,8 @@ def test_reward_model_tokenizer_without_pad_pads_with_eos(tiny_assets, tmp_path)
   cfg.path = str(_foreign_rm(tmp_path, pad=False))
   rm = rewards.load_classifier(cfg, policy_tok, mesh=None)
   assert rm.tokenizer.pad_token == "<eos>" and not rm.in_graph
-  assert rm.score(["фильм"], [" очень хороший"]).shape == (1,)  # the bridge pads without raising
+  ids, mask = rm.encode(["фильм"], [" очень хороший"])  # the bridge pads without raising
+  assert ids.shape == mask.shape == (1, cfg.max_tokens) and mask.any()
   rm.check_reads(["фильм очень хороший"])  # its own language passes
 
 

@@ -217,6 +217,7 @@ def _error_lines(stderr):
     ("--config.data.text_column=nope", "'nope'"),
     ("--config.data.label_value=nothing_matches", "no examples"),
     ("--config.policy.path=/nonexistent/policy", "/nonexistent/policy"),
+    ("--config.mesh.device_memory_gib=0.00001", "program 'iteration' needs "),  # checked before anything is written
 ])
 def test_bad_input_is_one_error_line_and_no_new_files(override, expect, tiny_assets, env, tmp_path):
   wd = tmp_path / "never_created"
@@ -226,7 +227,7 @@ def test_bad_input_is_one_error_line_and_no_new_files(override, expect, tiny_ass
   assert proc.returncode != 0
   errors = _error_lines(proc.stderr)
   assert len(errors) == 1 and expect in errors[0], proc.stderr[-3000:]
-  assert not wd.exists()
+  assert not wd.exists() and not cache.exists()
 
 
 def test_unwritable_workdir_is_one_error_line(tiny_assets, env, tmp_path):

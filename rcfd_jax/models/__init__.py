@@ -79,6 +79,37 @@ def build(hf_config: dict[str, Any], *, task: str | None = None, dtype=jnp.float
   return sharding.init_sharded(make, mesh)
 
 
+def _read(path_or_hub_id: str, task: str | None) -> tuple[Path, ModuleType, str, Any]:
+  """(directory, family module, task, family Config) of a model directory's config.json."""
+  model_dir = hf.resolve_dir(path_or_hub_id)
+  hf_config = hf.read_config(model_dir)
+  fam = family(hf_config["model_type"])
+  task = task or task_of(hf_config)
+  if task not in fam.TASKS:
+    raise UserError(f"{hf_config['model_type']} models support {fam.TASKS}, not {task!r}")
+  try:
+    config = fam.config_from_hf(hf_config)
+  except (KeyError, TypeError, ValueError) as e:
+    raise UserError(f"{model_dir}/config.json is missing or has a bad field: {e}") from None
+  return model_dir, fam, task, config
+
+
+def load_abstract(path_or_hub_id: str, *, task: str | None = None, dtype=jnp.float32,
+                  param_dtype=None, mesh: Mesh | None = None) -> nnx.Module:
+  """The module load_pretrained would return, with jax.ShapeDtypeStruct leaves instead of weights.
+
+  Reads only config.json. Each leaf carries the sharding load_pretrained
+  would place it with, so programs can be lowered and compiled for `mesh`
+  (even a TPU topology with no TPU attached, rcfd_jax.aot) without a byte of
+  weights.
+  """
+  _, fam, task, config = _read(path_or_hub_id, task)
+  mesh = mesh or sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  make = lambda: fam.build(config, task, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(sharding.abstract_module(make))
+  return nnx.merge(graphdef, sharding.abstract(state, sharding.state_shardings(state, mesh)))
+
+
 def _at(module: Any, path: tuple) -> Any:
   for p in path:
     module = module[p] if isinstance(p, int) else getattr(module, p)
@@ -93,16 +124,7 @@ def load_pretrained(path_or_hub_id: str, *, task: str | None = None, dtype=jnp.f
   architectures. param_dtype defaults to dtype. Without a mesh the model
   lives on the first device.
   """
-  model_dir = hf.resolve_dir(path_or_hub_id)
-  hf_config = hf.read_config(model_dir)
-  fam = family(hf_config["model_type"])
-  task = task or task_of(hf_config)
-  if task not in fam.TASKS:
-    raise UserError(f"{hf_config['model_type']} models support {fam.TASKS}, not {task!r}")
-  try:
-    config = fam.config_from_hf(hf_config)
-  except (KeyError, TypeError, ValueError) as e:
-    raise UserError(f"{model_dir}/config.json is missing or has a bad field: {e}") from None
+  model_dir, fam, task, config = _read(path_or_hub_id, task)
   param_dtype = param_dtype or dtype
   mesh = mesh or sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   make = lambda: fam.build(config, task, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))

@@ -170,7 +170,7 @@ class EncoderClassifier(nnx.Module):
     x = self.emb_ln(x)
     # transformers masks keys only: padded query rows still attend to the real tokens.
     mask = jnp.broadcast_to(key_valid[:, None, :], (b, t, t))
-    x = L.scan_layers(self.layers, lambda layer, x, i, _: layer(x, mask), x)
+    x = L.scan_layers(self.layers, lambda layer, x, i, _: layer(L.activations(x), mask), x)
     pooled = self.pool_act(self.pool(x[:, 0]))
     return self.classifier(pooled).astype(jnp.float32)
 

@@ -260,7 +260,7 @@ class DebertaV2Classifier(nnx.Module):
       rel_emb = self.rel_embeddings.embedding[...].astype(self.dtype)
       if self.rel_ln is not None:
         rel_emb = self.rel_ln(rel_emb)
-    x = L.scan_layers(self.layers, lambda layer, x, i, _: layer(x, mask, rel_pos, rel_emb), x)
+    x = L.scan_layers(self.layers, lambda layer, x, i, _: layer(L.activations(x), mask, rel_pos, rel_emb), x)
     pooled = self.pool_act(self.pool(x[:, 0]))
     return self.classifier(pooled).astype(jnp.float32)
 

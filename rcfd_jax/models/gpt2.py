@@ -129,7 +129,7 @@ class GPT2(CausalLM):
 
     def layer(block, carry, i, scale):
       x, kv = carry
-      return block(x, mask, scale, i, kv, index)
+      return block(L.activations(x), mask, scale, i, kv, index)
 
     x, cache = L.scan_layers(self.h, layer, (x, cache), jnp.asarray(attn_scales(self.config)), remat=self.remat)
     return self.ln_f(x), cache

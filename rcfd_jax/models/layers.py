@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rcfd_jax import sharding
+
 Names = tuple[str | None, ...]
 
 
@@ -237,6 +239,19 @@ def scan_layers(blocks: nnx.Module, fn: Callable[[nnx.Module, Any, jax.Array, An
     step = jax.checkpoint(step, prevent_cse=False)
   carry, _ = jax.lax.scan(step, carry, (state, jnp.arange(n, dtype=jnp.int32), xs))
   return carry
+
+
+def activations(x: jax.Array) -> jax.Array:
+  """A layer's input [B, T, D], rows split over (data, fsdp) when T > 1 (sharding.constrain).
+
+  With many tokens per row, gathering each layer's weights once (FSDP) moves
+  far less than splitting the hidden dimension like the weights, which
+  all-reduces a partial [B, T, out] after every matmul; the compiler picks
+  the latter for the backward pass if left alone. With one token per row
+  (decoding) keeping the weights in place and moving the activations is the
+  better trade, and the compiler is left to find it.
+  """
+  return sharding.constrain(x, ("batch", None, None)) if x.shape[1] > 1 else x
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:

@@ -243,7 +243,7 @@ class Llama(CausalLM):
 
     def layer(block, carry, i, _):
       x, kv = carry
-      return block(x, positions, inv_freq, mask, i, kv, index)
+      return block(L.activations(x), positions, inv_freq, mask, i, kv, index)
 
     x, cache = L.scan_layers(self.layers, layer, (x, cache), remat=self.remat)
     return self.norm(x), cache

@@ -42,11 +42,17 @@ def _mesh_of(x: Any):
   return s.mesh if isinstance(s, NamedSharding) else None
 
 
-def _born(make, names, shape, mesh) -> jax.Array:
-  """Runs `make()` with its output placed directly on its sharding, never whole on one device."""
+def _born(make, names, shape, mesh, like) -> jax.Array:
+  """Runs `make()` with its output placed directly on its sharding, never whole on one device.
+
+  Beside an abstract kernel (a jax.ShapeDtypeStruct, models.load_abstract) the
+  adapter is abstract too: its shape and sharding, nothing computed.
+  """
   if mesh is None:
     return make()
   out = NamedSharding(mesh, sharding.spec_for(names, shape, mesh))
+  if isinstance(like, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(shape, like.dtype, sharding=out)
   return jax.jit(make, out_shardings=out)()
 
 
@@ -71,7 +77,7 @@ def apply(model: nnx.Module, *, rank: int, alpha: float, targets: Sequence[str],
     raise UserError(f"LoRA targets {unmatched} match no Dense layer of {type(model).__name__}; "
                     f"available: {', '.join(available)}")
   for _, dense in hits:
-    kernel = dense.kernel[...]
+    kernel = dense.kernel.get_value()
     *lead, din, dout = kernel.shape  # lead: (L,) on stacked decoder layers
     lead = tuple(lead)
     names = sharding.variable_names(dense.kernel) or (None,) * kernel.ndim
@@ -81,8 +87,8 @@ def apply(model: nnx.Module, *, rank: int, alpha: float, targets: Sequence[str],
     a_shape, b_shape = lead + (din, rank), lead + (rank, dout)
     key = rngs.params()
     a = _born(lambda: jax.random.normal(key, a_shape, jnp.float32).astype(dtype) * (din ** -0.5),
-              a_names, a_shape, mesh)
-    b = _born(lambda: jnp.zeros(b_shape, dtype), b_names, b_shape, mesh)
+              a_names, a_shape, mesh, kernel)
+    b = _born(lambda: jnp.zeros(b_shape, dtype), b_names, b_shape, mesh, kernel)
     with nnx.use_eager_sharding(False):  # already placed by _born; only record the names
       dense.lora_a = nnx.LoRAParam(a, out_sharding=a_names)
       dense.lora_b = nnx.LoRAParam(b, out_sharding=b_names)
