@@ -45,12 +45,6 @@ from rcfd_jax import sharding, targets, train  # noqa: E402
 from rcfd_jax.errors import UserError, exit_on_user_error  # noqa: E402
 from rcfd_jax.models import hf  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("topology", None, "What to compile for: a TPU slice (v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x2, "
-                    "...) or N GPUs (h100:8); see rcfd_jax.targets.")
-flags.DEFINE_string("out", None, "JSON file to write; nothing is written when a program cannot fit.")
-flags.mark_flags_as_required(["config", "topology"])
-
 SHIPPED = Path(__file__).resolve().parent / "model_configs"
 
 
@@ -106,7 +100,7 @@ def compile_config(config, topology: str) -> dict:
   t = train.make_trainer(config, mesh, tokenizer, eos, pad, load=models.load_abstract, load_tokenizer=_rm_tokenizer)
   progs = programs.build(t.parts, t.frozen, t.rewards, t.sc, t.tx, t.state, config)
   compiled, peaks = programs.compile_checked(progs, programs.resident_bytes(t.state, t.frozen, t.rewards), limit,
-                                             target.where)
+                                             target.where, programs.advice(config))
   analytic = flops_lib.program_flops(config, t, progs)
   useful = flops_lib.program_flops(config, t, progs, remat=False)
   chips = len(mesh.devices.flat)
@@ -162,6 +156,16 @@ def main(argv):
   exit_on_user_error(run)(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.out)
 
 
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so importing this module defines none."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("topology", None, "What to compile for: a TPU slice (v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x2, "
+                      "...) or N GPUs (h100:8); see rcfd_jax.targets.")
+  flags.DEFINE_string("out", None, "JSON file to write; nothing is written when a program cannot fit.")
+  flags.mark_flags_as_required(["config", "topology"])
+
+
 if __name__ == "__main__":
+  define_flags()
   parsed = cli.parse_flags(sys.argv)
   app.run(main, flags_parser=lambda _: parsed)

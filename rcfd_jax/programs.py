@@ -1,8 +1,8 @@
 """Every program one RL run compiles: what it computes, its shardings, its donation, its arguments.
 
     progs = programs.build(parts, frozen, rewards, sc, tx, state, config)   # name -> Program
-    compiled, peaks = programs.compile_checked(progs, resident, limit, where)  # one UserError line if
-                                                                             # a program cannot fit
+    compiled, peaks = programs.compile_checked(progs, resident, limit, where, programs.advice(config))
+                                                         # one UserError line if a program cannot fit
 
 The trainer (rcfd_jax.train) calls the jitted functions; rcfd_jax.aot builds
 the same programs over a TPU topology from abstract weights and compiles
@@ -199,8 +199,12 @@ def host_rm(progs: dict[str, Program], classifier) -> Callable[[np.ndarray, np.n
 
 # ----------------------------------------------------------------------------- compile and fit
 
-_ADVICE = ("set config.model.remat=True, raise config.optim.grad_accum or config.rollout.micro_batches, "
-           "or use more devices")
+def advice(config) -> str:
+  """What the config can change when a program does not fit."""
+  levers = [] if config.model.remat else ["set config.model.remat=True"]
+  levers.append("raise config.optim.grad_accum or config.rollout.micro_batches")
+  return ", ".join(levers) + ", or use more devices"
+
 _UNITS = {"K": "KiB", "M": "MiB", "G": "GiB", "T": "TiB"}
 
 
@@ -231,14 +235,15 @@ def device_memory(config_gib: float, device) -> int | None:
   return (stats or {}).get("bytes_limit")
 
 
-def compile_checked(progs: dict[str, Program], resident: int, limit: int | None,
-                    where: str) -> tuple[dict[str, Any], dict[str, int | None]]:
+def compile_checked(progs: dict[str, Program], resident: int, limit: int | None, where: str,
+                    hint: str) -> tuple[dict[str, Any], dict[str, int | None]]:
   """(name -> compiled program, name -> peak bytes per device), compiling one program at a time.
 
   The first program that cannot fit `limit` bytes per device (None: no
   limit known) stops everything with one UserError line naming it and its
   bytes: too big for the compiler itself (a TPU compiler refuses temporaries
-  beyond the chip's HBM) or, with what stays resident, for `limit`.
+  beyond the chip's HBM) or, with what stays resident, for `limit`; `hint`
+  (advice(config)) says what to change.
   """
   compiled, peaks = {}, {}
   for name, p in progs.items():
@@ -253,11 +258,11 @@ def compile_checked(progs: dict[str, Program], resident: int, limit: int | None,
         raise
       found = re.search(r"temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])", str(e))
       need = f"{found[1]} {_UNITS[found[2]]} of temporaries" if found else "more memory than it has"
-      raise UserError(f"program {name!r} needs {need} per device, more than {where} has; {_ADVICE}") from None
+      raise UserError(f"program {name!r} needs {need} per device, more than {where} has; {hint}") from None
     peak = peak_bytes(p, c, resident)
     if limit is not None and peak is not None and peak > limit:
       raise UserError(f"program {name!r} needs {memory.fmt(peak)} per device but {where} has "
-                      f"{memory.fmt(limit)}; {_ADVICE}")
+                      f"{memory.fmt(limit)}; {hint}")
     compiled[name], peaks[name] = c, peak
   if jax.process_index() == 0:
     logging.info("memory per device (%s): %s", where, ", ".join(

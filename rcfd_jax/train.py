@@ -167,7 +167,8 @@ def check_memory(s: Setup, state: TrainState) -> dict:
   device = s.mesh.devices.flat[0]
   limit = programs.device_memory(s.config.mesh.device_memory_gib, device)
   resident = programs.resident_bytes(state, s.frozen, s.rewards)
-  return programs.compile_checked(s.steps.programs, resident, limit, f"a {device.platform.upper()} device")[1]
+  return programs.compile_checked(s.steps.programs, resident, limit, f"a {device.platform.upper()} device",
+                                  programs.advice(s.config))[1]
 
 
 def score_demonstrations(s: Setup) -> Setup:

@@ -4,6 +4,7 @@
     model = models.load_pretrained(path_or_hub_id)     # safetensors only
     logits = model(input_ids, attention_mask=mask)     # [B, T, V] causal LM, [B, labels] classifier
     models.save_pretrained(model, out_dir)             # transformers loads out_dir
+    abstract = models.load_abstract(path, mesh=mesh)   # config.json only: ShapeDtypeStruct leaves, sharded
 
 Causal LMs also implement the decoding protocol the sampler uses:
     cache = model.init_cache(batch, max_len)
