@@ -238,23 +238,6 @@ def rcfd_group(reward_pgk: Array, demo_reward_pk: Array, eps: float = 1e-8) -> A
   return jnp.sum(adv_pgk, axis=-1)
 
 
-def group_value(reward_pgk: Array, demo_reward_pk: Array) -> Array:
-  """[P, K] unbiased estimate of -(E[R|x] - R_d)^2 from G >= 2 samples per prompt.
-
-  (mean - R_d)^2 overestimates (E[R|x] - R_d)^2 by Var(R|x) / G; the
-  unbiased sample variance divided by G removes that. This is the value the
-  rcfd_group objective climbs, as -(R - R_d)^2 is rcfd's.
-  """
-  reward_pgk = jnp.asarray(reward_pgk, jnp.float32)
-  demo_reward_pk = jnp.asarray(demo_reward_pk, jnp.float32)
-  if reward_pgk.ndim == 2:
-    reward_pgk, demo_reward_pk = reward_pgk[..., None], demo_reward_pk[..., None]
-  g = reward_pgk.shape[1]
-  mean_pk = jnp.mean(reward_pgk, axis=1)
-  var_pk = jnp.var(reward_pgk, axis=1, ddof=1)
-  return -(jnp.square(mean_pk - demo_reward_pk) - var_pk / g)
-
-
 def group_spread(reward_pgk: Array, tol: float = 1e-6) -> tuple[Array, Array]:
   """Collapse monitors per reward component, over prompts with G >= 2 samples.
 

@@ -142,3 +142,13 @@ def test_group_summary_matches_loops():
   assert evaluation.group_summary({"rm": np.ones((4, 2))}, {"rm": np.arange(4.0)})["prompt_corr"] == 0.0
   with pytest.raises(ValueError, match="want"):
     evaluation.group_summary({"rm": r[:5]}, {"rm": d})
+
+
+def test_rcfd_group_value_is_unbiased():
+  """Rewards ~ N(mu, 1), 3 per prompt: the mean estimate is -(mu - R_d)^2, not -(mu - R_d)^2 - 1/3."""
+  rng = np.random.default_rng(22)
+  for mu, demo in ((1.5, 0.5), (-1.0, -1.0)):
+    r = mu + rng.normal(size=(20000, 3))
+    d = np.full(20000, demo) + 1e-9 * rng.normal(size=20000)  # a constant R_d has no correlation to report
+    got = evaluation.group_summary({"rm": r}, {"rm": d})["rcfd_group_reward_mean"]
+    assert got == pytest.approx(-(mu - demo) ** 2, abs=0.03)
