@@ -63,7 +63,7 @@ def build_assets(out: Path, *, width: int, layers: int, heads: int = 4, vocab: i
   sides load these very files, so they run identical fp32 weights on
   identical prompts. Returns out; an existing complete out is reused.
   """
-  from rcfd_jax import corpus, tiny
+  from rcfd_jax.reproduce import corpus, tiny
   out = Path(out)
   if (out / "model" / "config.json").exists() and (out / "data.jsonl").exists():
     return out

@@ -152,7 +152,7 @@ def main(argv):
   del argv
   out = Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
-  from rcfd_jax import prepare
+  from rcfd_jax.reproduce import prepare
   assets = prepare.build(out / "assets", n_reviews=400, width=32)
   env = _env(out)
   ref_wd, ref_cache = out / "reference", out / "cache_reference"

@@ -51,7 +51,7 @@ def main(argv):
   out = Path(FLAGS.out)
   subprocess.run(["rm", "-rf", str(out / "run"), str(out / "cache"), str(out / "logs")], check=True)
   (out / "logs").mkdir(parents=True)
-  from rcfd_jax import prepare
+  from rcfd_jax.reproduce import prepare
   assets = prepare.build(out / "assets", n_reviews=400, width=32)
   wd = out / "run"
   cmd = [sys.executable, "-m", "rcfd_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}:{assets}",

@@ -1,6 +1,6 @@
 """The tiny sentiment reward model: a GPT-2 classifier fine-tuned from the SFT policy.
 
-    python -m rcfd_jax.prepare --out=build/tiny
+    python -m rcfd_jax.reproduce.prepare --out=build/tiny
     python -m rcfd_jax.main --config=configs/sft_tiny.py --workdir=runs/sft_tiny
     python -m rcfd_jax.main --config=configs/rm_tiny.py --workdir=runs/rm_tiny
 

@@ -1,6 +1,6 @@
 """SFT of the tiny GPT-2 policy on the synthetic movie reviews (all labels).
 
-    python -m rcfd_jax.prepare --out=build/tiny
+    python -m rcfd_jax.reproduce.prepare --out=build/tiny
     python -m rcfd_jax.main --config=configs/sft_tiny.py --workdir=runs/sft_tiny
 
 Expect on 2 CPU cores about 2 minutes (600 updates of 32 reviews, ~0.2 s
@@ -26,7 +26,7 @@ def get_config(arg=None):
   assets = arg or "build/tiny"
   c = supervised.base_config()
   c.stage = "sft"
-  c.model.path = f"{assets}/policy"         # random 2-layer width-64 GPT-2 from rcfd_jax.prepare
+  c.model.path = f"{assets}/policy"         # random 2-layer width-64 GPT-2 from rcfd_jax.reproduce.prepare
   c.data.path = f"{assets}/reviews.jsonl"
   c.data.text_column = "text"
   c.total_steps = 600                       # ~5 epochs of 3800 reviews; the loss still falls slowly

@@ -3,7 +3,7 @@
     python -m rcfd_jax.main --config=configs/tiny.py --workdir=runs/tiny
 
 The first run builds the assets in build/tiny (the same bytes as
-`python -m rcfd_jax.prepare --out=build/tiny`, about 10 seconds); later runs,
+`python -m rcfd_jax.reproduce.prepare --out=build/tiny`, about 10 seconds); later runs,
 and runs started at the same time, use them.
 
 RCfD on two rewards (a random GPT-2 sentiment classifier sharing the policy's

@@ -23,7 +23,7 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0                        # seeds parameters of new heads, sampling and data order
   c.total_steps = 100               # RL iterations (one rollout batch each)
   c.log_every_steps = 1             # metrics come off the device only on these steps
-  c.assets_dir = ""                 # rcfd_jax.prepare builds the tiny assets here first if missing; "" = none
+  c.assets_dir = ""                 # rcfd_jax.reproduce.prepare builds the tiny assets here first if missing; "" = none
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"         # parameters and activations: float32 | bfloat16 (logits stay fp32)

@@ -22,9 +22,10 @@ from absl import logging
 from flax import nnx
 
 from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, metrics, models,
-                      policy as policy_lib, prepare, programs, rewards as rewards_lib, sharding, validate)
+                      policy as policy_lib, programs, rewards as rewards_lib, sharding, validate)
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import hf
+from rcfd_jax.reproduce import prepare
 from rcfd_jax.step import Batch, Frozen, StepConfig, TrainState
 
 

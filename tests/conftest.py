@@ -22,7 +22,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
   """One directory of prepared tiny assets (corpus, width-32 GPT-2 policy and RM) per session."""
-  from rcfd_jax import prepare
+  from rcfd_jax.reproduce import prepare
   return prepare.build(tmp_path_factory.mktemp("tiny_assets"), n_reviews=400, width=32)
 
 

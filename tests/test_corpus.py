@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from rcfd_jax import corpus
+from rcfd_jax.reproduce import corpus
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from rcfd_jax import corpus, data, tiny
+from rcfd_jax import data
 from rcfd_jax.errors import UserError
+from rcfd_jax.reproduce import corpus, tiny
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import torch
 import transformers
 
 from configs import tiny as tiny_config
-from rcfd_jax import export, prepare, train
+from rcfd_jax import export, train
+from rcfd_jax.reproduce import prepare
 
 
 @pytest.fixture(scope="module")

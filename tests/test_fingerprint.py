@@ -2,7 +2,8 @@
 
 import json
 
-from rcfd_jax import config as config_lib, corpus, fingerprint, rewards, tiny
+from rcfd_jax import config as config_lib, fingerprint, rewards
+from rcfd_jax.reproduce import corpus, tiny
 
 
 def _tokenizer_pair():

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from rcfd_jax import config as config_lib, rewards, tiny, train
+from rcfd_jax import config as config_lib, rewards, train
 from rcfd_jax.errors import UserError
+from rcfd_jax.reproduce import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))

@@ -4,7 +4,8 @@ import types
 
 import numpy as np
 
-from rcfd_jax import corpus, rewards, tiny, train
+from rcfd_jax import rewards, train
+from rcfd_jax.reproduce import corpus, tiny
 
 
 def test_host_rewards_passes_prompts_completions_and_rows():

@@ -138,7 +138,7 @@ def test_adapters_are_born_sharded_on_the_model_mesh(ckpt):
 
 
 def test_gpt2_fused_attention_target():
-  from rcfd_jax import tiny
+  from rcfd_jax.reproduce import tiny
   model = models.build(tiny.gpt2_config(100, n_embd=32))
   lora.apply(model, rank=2, alpha=2, targets=("c_attn",), rngs=nnx.Rngs(0))
   assert model.h.c_attn.lora_b[...].shape == (model.config.n_layer, 2, 96)

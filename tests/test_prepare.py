@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rcfd_jax import prepare
 from rcfd_jax.errors import UserError
+from rcfd_jax.reproduce import prepare
 
 SMALL = dict(n_reviews=200, width=16)
 
@@ -18,7 +18,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_two_processes_building_at_once_leave_one_complete_directory(tmp_path, env):
   out = tmp_path / "assets" / "tiny"
-  code = f"from rcfd_jax import prepare; prepare.build({str(out)!r}, n_reviews=200, width=16)"
+  code = f"from rcfd_jax.reproduce import prepare; prepare.build({str(out)!r}, n_reviews=200, width=16)"
   procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
            for _ in range(2)]
   for p in procs:

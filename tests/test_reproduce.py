@@ -8,23 +8,24 @@ import json
 
 import numpy as np
 
-from rcfd_jax import reproduce
+from rcfd_jax.errors import UserError
+from rcfd_jax.reproduce import report, run
 
 
 def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
   d = tmp_path / "rep"
-  results = reproduce.reproduce(str(d), quick=True)
+  results = run.reproduce(str(d), quick=True)
 
   on_disk = json.loads((d / "results.json").read_text())
   assert on_disk == results
-  assert list(on_disk) == list(reproduce.QUICK_TASKS) == ["loglik", "sentiment_voiced"]
-  methods = [a.name for a in reproduce.arms(quick=True)]
+  assert list(on_disk) == list(run.QUICK_TASKS) == ["loglik", "sentiment_voiced"]
+  methods = [a.name for a in run.arms(quick=True)]
   assert methods == ["sft", "max", "kl_0.1", "rcfd", "rcfd_group"]
   for task, by_method in on_disk.items():
     assert list(by_method) == methods, task
     for method, row in by_method.items():
       extra = ["prompt_predictability"] if method == "sft" else []
-      assert list(row) == list(reproduce.KEYS) + extra, (task, method)
+      assert list(row) == list(run.KEYS) + extra, (task, method)
       assert all(isinstance(v, float) for v in row.values()), (task, method, row)
       assert (d / "runs" / task / method / "config.json").exists()
     assert by_method["sft"]["distinct_2"] == by_method["max"]["sft_distinct_2"]
@@ -33,44 +34,43 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
   for task, by_method in best.items():
     assert list(by_method) == methods, task
     assert by_method["sft"]["step"] == 0
-    for arm in reproduce.arms(quick=True)[1:]:
-      evals = reproduce.arm_evals(d / "runs" / task / arm.name)
+    for arm in run.arms(quick=True)[1:]:
+      evals = run.arm_evals(d / "runs" / task / arm.name)
       assert [ev["step"] for ev in evals] == [2, 4]
-      values = [reproduce.objective_value(ev, arm) for ev in evals]
+      values = [run.objective_value(ev, arm) for ev in evals]
       chosen = evals[int(np.argmax(values))]
       row = by_method[arm.name]
       assert row["step"] == chosen["step"] and row["alignment"] == chosen["alignment"], (task, arm)
     rcfd_last = json.loads((d / "runs" / task / "rcfd" / "eval" / "step_4.json").read_text())
-    assert reproduce.objective_value(rcfd_last, reproduce.Arm("rcfd", "rcfd")) == rcfd_last["rcfd_reward_mean"] < 0
+    assert run.objective_value(rcfd_last, run.Arm("rcfd", "rcfd")) == rcfd_last["rcfd_reward_mean"] < 0
     group_last = json.loads((d / "runs" / task / "rcfd_group" / "eval" / "step_4.json").read_text())
-    assert reproduce.objective_value(group_last, reproduce.Arm("rcfd_group", "rcfd_group")) == (
+    assert run.objective_value(group_last, run.Arm("rcfd_group", "rcfd_group")) == (
         group_last["rcfd_group_reward_mean"])
   md = (d / "results.md").read_text()
   assert "| rcfd |" in md and "## Targets" in md and "## Samples" in md
   assert "## The paper's checkpoint selection" in md
   assert "## How much of the demonstrations' reward the prompt predicts" in md
   assert "## Regime plain" in md and "## Regime voiced" in md and "prompt predictability" in md
-  for task in reproduce.QUICK_TASKS:
+  for task in run.QUICK_TASKS:
     q = json.loads((d / "runs" / task / "sft" / "demos.json").read_text())
-    assert -1 <= q["prompt_corr"] <= 1 and q["samples_per_prompt"] == reproduce.PREDICTABILITY_SAMPLES
+    assert -1 <= q["prompt_corr"] <= 1 and q["samples_per_prompt"] == run.PREDICTABILITY_SAMPLES
     assert q["sft_within_prompt_std"] > 0 and q["demo_std"] > 0, q
     assert on_disk[task]["sft"]["prompt_predictability"] == q["prompt_corr"]
   assert json.loads((d / "voiced" / "assets" / "reviews.jsonl").read_text().splitlines()[0])["text"][:6] != (
       json.loads((d / "plain" / "assets" / "reviews.jsonl").read_text().splitlines()[0])["text"][:6])
 
   # SFT and RM never train on a review whose prompt an arm of its regime is evaluated on.
-  for regime in reproduce.REGIMES:
+  for regime in run.REGIMES:
     root = d / regime
     corpus = [json.loads(line) for line in (root / "assets" / "reviews.jsonl").read_text().splitlines()]
     train = [json.loads(line) for line in (root / "splits" / "train.jsonl").read_text().splitlines()]
     positive = [json.loads(line) for line in (root / "splits" / "positive.jsonl").read_text().splitlines()]
     assert positive == [r for r in train if r["label"] == "positive"]
-    tokenizer = reproduce.train.load_tokenizer(str(root / "assets" / "policy"))
+    tokenizer = run.train.load_tokenizer(str(root / "assets" / "policy"))
     train_texts = [r["text"] for r in train]
     held = 0
-    for task in (t for t, (r, _) in reproduce.TASKS.items() if r == regime):
-      val = reproduce.data.load(reproduce.rl_config(task, reproduce.Arm("sft", ""), d, True).data,
-                                tokenizer).validation
+    for task in (t for t, (r, _) in run.TASKS.items() if r == regime):
+      val = run.data.load(run.rl_config(task, run.Arm("sft", ""), d, True).data, tokenizer).validation
       for prompt, demo in zip(val.prompt_texts, val.demo_texts):
         assert not any(t.startswith(prompt + demo) for t in train_texts), (task, prompt)
       held += len(val)
@@ -80,23 +80,23 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
   # A rerun trains nothing: every stage and arm is reused, the reports are rewritten.
   mtimes = {p: p.stat().st_mtime for p in (d / "runs").rglob("step_*.json")}
   (d / "results.json").unlink()
-  assert reproduce.reproduce(str(d), quick=True) == results
+  assert run.reproduce(str(d), quick=True) == results
   assert {p: p.stat().st_mtime for p in (d / "runs").rglob("step_*.json")} == mtimes
 
 
 def test_checkpoint_selection_maximizes_each_arms_own_training_reward():
   ev = {"reward_mean": 1.0, "kl": 4.0, "rcfd_reward_mean": -0.5, "rcfd_group_reward_mean": -0.25}
-  assert reproduce.objective_value(ev, reproduce.Arm("max", "max")) == 1.0
-  assert reproduce.objective_value(ev, reproduce.Arm("kl_0.1", "kl", 0.1)) == 1.0 - 0.1 * 4.0
-  assert reproduce.objective_value(ev, reproduce.Arm("rcfd", "rcfd")) == -0.5
-  assert reproduce.objective_value(ev, reproduce.Arm("rcfd_group", "rcfd_group")) == -0.25
+  assert run.objective_value(ev, run.Arm("max", "max")) == 1.0
+  assert run.objective_value(ev, run.Arm("kl_0.1", "kl", 0.1)) == 1.0 - 0.1 * 4.0
+  assert run.objective_value(ev, run.Arm("rcfd", "rcfd")) == -0.5
+  assert run.objective_value(ev, run.Arm("rcfd_group", "rcfd_group")) == -0.25
 
 
 def test_full_and_quick_runs_never_share_a_workdir(tmp_path):
   (tmp_path / "mode.txt").write_text("quick\n")
   try:
-    reproduce.reproduce(str(tmp_path), quick=False)
-  except reproduce.UserError as e:
+    run.reproduce(str(tmp_path), quick=False)
+  except UserError as e:
     assert "quick reproduction" in str(e)
   else:
     raise AssertionError("a full run reused a quick workdir")
@@ -104,23 +104,23 @@ def test_full_and_quick_runs_never_share_a_workdir(tmp_path):
 
 def test_extra_seeds_rerun_the_calibrated_arms_and_report_each_seed(tmp_path):
   """--seeds=3 adds METHOD_seed1/2 arms with config.seed set; seed_rows reads their last evaluation."""
-  names = [a.name for a in reproduce.arms(False, seeds=3)]
-  assert names[:len(reproduce.arms(False))] == [a.name for a in reproduce.arms(False)]
-  extra = reproduce.arms(False, seeds=3)[len(reproduce.arms(False)):]
+  names = [a.name for a in run.arms(False, seeds=3)]
+  assert names[:len(run.arms(False))] == [a.name for a in run.arms(False)]
+  extra = run.arms(False, seeds=3)[len(run.arms(False)):]
   assert [(a.name, a.seed) for a in extra] == [
       ("rcfd_seed1", 1), ("rcfd_group_seed1", 1), ("rcfd_seed2", 2), ("rcfd_group_seed2", 2)]
-  assert reproduce.rl_config("loglik", extra[1], tmp_path, False).seed == 1
-  assert reproduce.rl_config("loglik", extra[1], tmp_path, False).rl.objective == "rcfd_group"
-  row = {k: 1.0 for k in reproduce.KEYS}
+  assert run.rl_config("loglik", extra[1], tmp_path, False).seed == 1
+  assert run.rl_config("loglik", extra[1], tmp_path, False).rl.objective == "rcfd_group"
+  row = {k: 1.0 for k in run.KEYS}
   results = {"loglik": {"sft": dict(row, sft_distinct_2=0.5), "rcfd": row, "rcfd_group": row}}
   for arm in extra:
     ev_dir = tmp_path / "runs" / "loglik" / arm.name / "eval"
     ev_dir.mkdir(parents=True)
     for step in (50, 200):
-      ev = {k: float(step + arm.seed) for k in reproduce.KEYS}
+      ev = {k: float(step + arm.seed) for k in run.KEYS}
       (ev_dir / f"step_{step}.json").write_text(json.dumps(dict(ev, step=step)))
-  by_seed = reproduce.seed_rows(tmp_path, False, 3, results)
+  by_seed = run.seed_rows(tmp_path, False, 3, results)
   assert [r["reward_mean"] for r in by_seed["loglik"]["rcfd_group"]] == [1.0, 201.0, 202.0]
   assert by_seed["loglik"]["rcfd"][2]["sft_distinct_2"] == 0.5
-  md = reproduce.reproduce_report.seeds_markdown(by_seed)
+  md = report.seeds_markdown(by_seed)
   assert "| loglik | rcfd_group |" in md and "seed 2" in md

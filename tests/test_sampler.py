@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rcfd_jax import models, sampler, sharding, tiny
+from rcfd_jax import models, sampler, sharding
+from rcfd_jax.reproduce import tiny
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

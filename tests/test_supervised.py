@@ -10,8 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from rcfd_jax import corpus, prepare, supervised
+from rcfd_jax import supervised
 from rcfd_jax.errors import UserError
+from rcfd_jax.reproduce import corpus, prepare
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from rcfd_jax import corpus, rewards, tiny, words
+from rcfd_jax import rewards, words
+from rcfd_jax.reproduce import corpus, tiny
 
 
 @pytest.fixture(scope="module")

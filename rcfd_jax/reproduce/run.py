@@ -4,8 +4,8 @@
 
 builds everything from a seed under DIR, each stage and arm in a child process
 of its own (`--job=NAME`), up to --parallel of them at once:
-  DIR/REGIME/assets/        corpus (rcfd_jax.corpus.REGIMES[REGIME]), tokenizer, random GPT-2s
-                            (rcfd_jax.prepare)
+  DIR/REGIME/assets/        corpus (rcfd_jax.reproduce.corpus.REGIMES[REGIME]), tokenizer, random
+                            GPT-2s (rcfd_jax.reproduce.prepare)
   DIR/REGIME/splits/        the reviews SFT and RM train on: the corpus less every review
                             whose prompt a task of the regime holds out for validation (and
                             its positive reviews, for the sentiment policy)
@@ -53,12 +53,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
-from rcfd_jax import data, evaluation, prepare, reproduce_report, supervised, train, validate
-from rcfd_jax.errors import UserError, exit_on_user_error
+from rcfd_jax import data, evaluation, supervised, train, validate
+from rcfd_jax.errors import UserError
+from rcfd_jax.reproduce import prepare, report
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _config_module(name: str):
@@ -78,7 +79,7 @@ REGIMES = ("plain", "voiced")
 QUICK_TASKS = ("loglik", "sentiment_voiced")  # one per regime and per reward: every stage and arm kind
 BETAS = (0.01, 0.1)        # KL arms; 0.01 is too weak on both plain tasks, 0.1 too strong on loglik
 QUICK_BETAS = (0.1,)
-PREDICTABILITY_SAMPLES = 4  # SFT completions per validation prompt for reproduce.predictability
+PREDICTABILITY_SAMPLES = 4  # SFT completions per validation prompt for predictability()
 PREDICTABILITY_KEYS = ("prompt_corr", "samples_per_prompt", "sft_within_prompt_std", "sft_between_prompt_std",
                       "demo_std")
 PREDICTABILITY_TARGET = 0.5  # the voiced regime's prompts must predict R_d at least this well
@@ -286,7 +287,7 @@ def run_job(name: str, d: Path, quick: bool, seeds: int = 1) -> None:
 def _start(job: Job, d: Path, quick: bool, seeds: int) -> subprocess.Popen:
   log = d / "logs" / f"{job.name.replace('/', '.')}.log"
   log.parent.mkdir(parents=True, exist_ok=True)
-  package_root = str(Path(__file__).resolve().parent.parent)
+  package_root = str(Path(__file__).resolve().parents[2])
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(d / "jax_cache"), TOKENIZERS_PARALLELISM="false",
              PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
   cmd = [sys.executable, "-m", "rcfd_jax.reproduce", f"--workdir={d}", f"--job={job.name}", f"--seeds={seeds}"]
@@ -378,7 +379,7 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
       chosen = max(evals, key=lambda ev, arm=arm: objective_value(ev, arm))
       results[task][arm.name] = row(last)
       best[task][arm.name] = {**row(chosen), "step": chosen["step"]}
-      if not arm.objective:  # reproduce.predictability, measured on the SFT policy
+      if not arm.objective:  # predictability(), measured on the SFT policy
         results[task][arm.name]["prompt_predictability"] = demos["prompt_corr"]
         best[task][arm.name]["prompt_predictability"] = demos["prompt_corr"]
       extras[task]["samples"][arm.name] = last.get("samples", [])
@@ -479,38 +480,17 @@ def reproduce(workdir: str, quick: bool = False, parallel: int = 2, seeds: int =
   for regime in REGIMES:
     of_regime = {t: r for t, r in results.items() if TASKS[t][0] == regime}
     if of_regime:
-      reproduce_report.plot(of_regime, extras, d / f"results_{regime}.png")
+      report.plot(of_regime, extras, d / f"results_{regime}.png")
   regime_of = {t: TASKS[t][0] for t in results}
-  report = reproduce_report.markdown(results, best, extras, targets, best_targets, timing, regime_of)
+  md = report.markdown(results, best, extras, targets, best_targets, timing, regime_of)
   if seeds > 1:
     by_seed = seed_rows(d, quick, seeds, results)
     (d / "results_seeds.json").write_text(json.dumps(by_seed, indent=2) + "\n")
-    report += reproduce_report.seeds_markdown(by_seed)
-  (d / "results.md").write_text(report)
+    md += report.seeds_markdown(by_seed)
+  (d / "results.md").write_text(md)
   for t, ok, v in targets:
     logging.info("target %s: %s (%s)", t, "met" if ok else "NOT met", v)
   for t, ok, v in best_targets:
     logging.info("target at the selected checkpoint, %s: %s (%s)", t, "met" if ok else "NOT met", v)
   return results
 
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  f = flags.FLAGS
-  if f.job:  # a child of the command: one stage or arm (JAX_COMPILATION_CACHE_DIR set by the parent)
-    exit_on_user_error(run_job)(f.job, Path(f.workdir), f.quick, f.seeds)
-  else:
-    exit_on_user_error(reproduce)(f.workdir, f.quick, f.parallel, f.seeds)
-
-
-if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "Directory for assets, runs and results.")
-  flags.DEFINE_bool("quick", False, "Tiny corpora and few steps: checks the plumbing, numbers mean nothing.")
-  flags.DEFINE_integer("parallel", 2, "Stages and arms run at once, each in its own process.")
-  flags.DEFINE_integer("seeds", 1, "Seeds of the rcfd and rcfd_group arms: 1 runs seed 0 only, 3 adds seeds 1 and 2.")
-  flags.DEFINE_string("job", "", "Run one stage (REGIME/STAGE) or arm (TASK/ARM) here; the command sets it "
-                      "for its child processes.")
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)

@@ -1,9 +1,9 @@
 """Builds the hub-free assets the tiny config runs on.
 
-    python -m rcfd_jax.prepare --out=build/tiny
+    python -m rcfd_jax.reproduce.prepare --out=build/tiny
 
 writes, deterministically from --seed:
-  OUT/reviews.jsonl      the synthetic movie-review corpus (rcfd_jax.corpus; --regime=voiced for
+  OUT/reviews.jsonl      the synthetic movie-review corpus (corpus.py; --regime=voiced for
                          reviews that open with a rating and a title in the reviewer's voice)
   OUT/policy/            a small random GPT-2 with a BPE tokenizer trained on the corpus
   OUT/reward_model/      a small random GPT-2 classifier sharing that tokenizer
@@ -24,8 +24,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from rcfd_jax import corpus, tiny
 from rcfd_jax.errors import UserError
+from rcfd_jax.reproduce import corpus, tiny
 
 _PARTS = ("reviews.jsonl", "policy/config.json", "policy/model.safetensors", "policy/tokenizer.json",
           "reward_model/config.json", "reward_model/model.safetensors")
@@ -49,7 +49,7 @@ def build(out: str | Path, *, n_reviews: int = 4000, vocab_size: int = 512, seed
     if not force and out.exists() and any(out.iterdir()):
       missing = [p for p in _PARTS if not (out / p).is_file()]
       raise UserError(f"{out} exists but lacks the tiny assets' {', '.join(missing)}; remove it, or "
-                      "rebuild it with python -m rcfd_jax.prepare --force --out=" + str(out))
+                      "rebuild it with python -m rcfd_jax.reproduce.prepare --force --out=" + str(out))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the assets from other users once renamed
     try:
@@ -114,6 +114,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("n_reviews", 4000, "Reviews in the corpus.")
   flags.DEFINE_integer("vocab_size", 512, "Tokenizer vocabulary.")
   flags.DEFINE_integer("seed", 0, "Seed of the corpus and the random weights.")
-  flags.DEFINE_enum("regime", "plain", list(corpus.REGIMES), "Corpus regime (rcfd_jax.corpus.REGIMES).")
+  flags.DEFINE_enum("regime", "plain", list(corpus.REGIMES),
+                    "Corpus regime (rcfd_jax.reproduce.corpus.REGIMES).")
   flags.DEFINE_bool("force", False, "Rebuild even if OUT already holds the assets.")
   app.run(main)

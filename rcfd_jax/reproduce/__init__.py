@@ -1,0 +1,11 @@
+"""The paper's comparison of objectives, reproduced on one CPU from a seed; tools, not the library.
+
+    python -m rcfd_jax.reproduce --workdir=DIR [--quick] [--parallel=N] [--seeds=S]   (run.py)
+    python -m rcfd_jax.reproduce.prepare --out=build/tiny                              (prepare.py)
+
+  corpus.py    the synthetic movie-review corpus, plain and voiced regimes
+  tiny.py      byte-level BPE tokenizers and random GPT-2 model directories
+  prepare.py   the tiny assets (corpus, tokenizer, policy, reward model) configs/tiny.py runs on
+  run.py       every stage and arm of the comparison, each in a child process; results.json
+  report.py    results.md and the plots
+"""
