@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 from absl import logging
 
-from rcfd_jax import data
+from rcfd_jax import prompts
 from rcfd_jax.errors import UserError
 
 OBJECTIVES = ("max", "kl", "weighted", "rcfd", "rcfd_group")
@@ -37,7 +37,7 @@ def base() -> ml_collections.ConfigDict:
   c.policy = ml_collections.ConfigDict()
   c.policy.path = ""                # HF model directory or hub id of the initial (SFT) policy
 
-  c.data = data.default_data_config()
+  c.data = prompts.default_data_config()
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 8    # B: prompts per iteration (global, over all processes)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from rcfd_jax import data, distributed, fingerprint, programs, sharding, words
+from rcfd_jax import batching, distributed, fingerprint, programs, sharding, words
 from rcfd_jax.models import hf
 
 
@@ -36,7 +36,7 @@ def score(ds, progs, parts, frozen, rewards, tokenizer, config) -> np.ndarray:
   compiled once for config.reward.demo_batch_size rows (rcfd_jax.programs).
   """
   n, bs = len(ds), config.reward.demo_batch_size
-  batcher = data.Batcher(ds, bs, config.data, tokenizer.pad_token_id)
+  batcher = batching.Batcher(ds, bs, config.data, tokenizer.pad_token_id)
   prog = progs["demo_scoring"]
   rm = programs.host_rm(progs, rewards.classifier) if rewards.classifier is not None else None
   out = []

@@ -21,8 +21,8 @@ import optax
 from absl import logging
 from flax import nnx
 
-from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, metrics, models,
-                      policy as policy_lib, programs, rewards as rewards_lib, sharding, validate)
+from rcfd_jax import (batching, checkpoint, config as config_lib, demos, distributed, metrics, models,
+                      policy as policy_lib, programs, prompts, rewards as rewards_lib, sharding, validate)
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import hf
 from rcfd_jax.reproduce import prepare
@@ -87,9 +87,9 @@ class Setup:
   parts: policy_lib.PolicyParts
   frozen: Frozen
   rewards: rewards_lib.Rewards
-  train: data.PromptDataset
-  val: data.PromptDataset
-  batcher: data.Batcher
+  train: prompts.PromptDataset
+  val: prompts.PromptDataset
+  batcher: batching.Batcher
   demo_train: np.ndarray | None  # R(x, y_d) per example, [n, K]; None until score_demonstrations
   demo_val: np.ndarray | None
   sc: StepConfig
@@ -147,11 +147,11 @@ def setup(config) -> tuple[Setup, TrainState]:
   if any(src.kind == "classifier" for src in rewards_lib.parse_sources(config.reward.sources)):
     hf.check_dir(hf.resolve_dir(config.reward.classifier.path), tokenizer=True)
   tokenizer = load_tokenizer(config.policy.path)
-  splits = data.load(config.data, tokenizer)
+  splits = prompts.load(config.data, tokenizer)
   t = make_trainer(config, mesh, tokenizer, tokenizer.eos_token_id, tokenizer.pad_token_id)
   if t.rewards.classifier is not None:
     t.rewards.classifier.check_reads(splits.train.prompt_texts[:64] + splits.train.demo_texts[:64])
-  batcher = data.Batcher(splits.train, config.rollout.prompts_per_step, config.data, tokenizer.pad_token_id)
+  batcher = batching.Batcher(splits.train, config.rollout.prompts_per_step, config.data, tokenizer.pad_token_id)
   s = Setup(config, mesh, tokenizer, t.parts, t.frozen, t.rewards, splits.train, splits.validation, batcher,
             None, None, t.sc, t.tx, t.state_sh)
   s.steps = compile_steps(s, t.state)
@@ -229,7 +229,7 @@ def compile_steps(s: Setup, state: TrainState | None = None) -> Steps:
   return Steps(fn("iteration"), fn("rollout"), fn("update"), fn("eval_rollout"), progs, rm)
 
 
-def device_batch(s: Setup, batcher: data.Batcher, indices: np.ndarray, demo: np.ndarray) -> Batch:
+def device_batch(s: Setup, batcher: batching.Batcher, indices: np.ndarray, demo: np.ndarray) -> Batch:
   """The global batch of examples `indices` on the mesh; each process reads only its own rows.
 
   The rows a process feeds are those its devices hold under the batch
@@ -252,7 +252,7 @@ def host_rewards(s: Setup, ro, indices: np.ndarray, rm=None) -> dict:
   return score_on_host(s, s.train, indices, distributed.to_host(ro.tokens), distributed.to_host(ro.mask), rm)
 
 
-def score_on_host(s: Setup, ds: data.PromptDataset, indices, tokens: np.ndarray, mask: np.ndarray,
+def score_on_host(s: Setup, ds: prompts.PromptDataset, indices, tokens: np.ndarray, mask: np.ndarray,
                   rm=None) -> dict:
   """Host-side rewards of completions; rows are the prompts at `indices`, each repeated per sample."""
   completions = s.tokenizer.batch_decode(np.where(mask, tokens, s.tokenizer.pad_token_id),

@@ -27,10 +27,10 @@ def generate(s, steps, state, ds, demo: np.ndarray, num_prompts: int) -> dict[st
   Arrays are [n, k, ...]: k = eval.samples_per_prompt completions per prompt;
   "demo" is [n, K].
   """
-  from rcfd_jax import data, train
+  from rcfd_jax import batching, train
   b, k = s.config.rollout.prompts_per_step, s.config.eval.samples_per_prompt
   n = min(num_prompts, len(ds))
-  batcher = data.Batcher(ds, b, s.config.data, s.tokenizer.pad_token_id)
+  batcher = batching.Batcher(ds, b, s.config.data, s.tokenizer.pad_token_id)
   out = {name: [] for name in ("rewards", "tokens", "mask", "logp", "ref_logp")}
   for start in range(0, n, b):
     idx = np.arange(start, start + b) % n

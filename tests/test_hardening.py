@@ -1,7 +1,7 @@
 """Hardening (issue #8): bad input, faults and untrusted files, with nothing lost.
 
 docs/hardening.md lists every case as input -> message -> test; the cases
-other modules already cover (tests/test_train.py, test_data.py,
+other modules already cover (tests/test_train.py, test_prompts.py, test_batching.py,
 test_models_io.py, test_checkpoint.py, test_step.py, test_configs.py) are
 referenced there, not repeated here.
 
@@ -183,23 +183,23 @@ def test_demonstrations_longer_than_the_budget_warn(caplog):
     ([{"prompt": 7, "demonstration": "fine"}], "column 'prompt' row 0 holds int, not text"),
 ])
 def test_dataset_rows_without_text(rows, match, tiny_assets, tmp_path):
-  from rcfd_jax import data
+  from rcfd_jax import prompts
   f = tmp_path / "d.jsonl"
   f.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
-  c = data.default_data_config()
+  c = prompts.default_data_config()
   c.path = str(f)
   with pytest.raises(UserError, match=match):
-    data.load_prompts(c, train.load_tokenizer(str(Path(tiny_assets) / "policy")))
+    prompts.load_prompts(c, train.load_tokenizer(str(Path(tiny_assets) / "policy")))
 
 
 def test_dataset_line_that_is_not_json(tiny_assets, tmp_path):
-  from rcfd_jax import data
+  from rcfd_jax import prompts
   f = tmp_path / "d.jsonl"
   f.write_text('{"prompt": "a", "demonstration": "b"}\n{"prompt": "a", "demonstr\n')
-  c = data.default_data_config()
+  c = prompts.default_data_config()
   c.path = str(f)
   with pytest.raises(UserError, match="could not be read as json.*check the file format"):
-    data.load_prompts(c, train.load_tokenizer(str(Path(tiny_assets) / "policy")))
+    prompts.load_prompts(c, train.load_tokenizer(str(Path(tiny_assets) / "policy")))
 
 
 # --------------------------------------------------------------------------- untrusted files

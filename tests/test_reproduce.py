@@ -70,7 +70,7 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
     train_texts = [r["text"] for r in train]
     held = 0
     for task in (t for t, (r, _) in run.TASKS.items() if r == regime):
-      val = run.data.load(run.rl_config(task, run.Arm("sft", ""), d, True).data, tokenizer).validation
+      val = run.prompts.load(run.rl_config(task, run.Arm("sft", ""), d, True).data, tokenizer).validation
       for prompt, demo in zip(val.prompt_texts, val.demo_texts):
         assert not any(t.startswith(prompt + demo) for t in train_texts), (task, prompt)
       held += len(val)

@@ -55,7 +55,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from rcfd_jax import data, evaluation, supervised, train, validate
+from rcfd_jax import evaluation, prompts, supervised, train, validate
 from rcfd_jax.errors import UserError
 from rcfd_jax.reproduce import prepare, report
 
@@ -136,7 +136,7 @@ def stage_config(regime: str, stage: str, d: Path, quick: bool):
 def write_training_reviews(d: Path, regime: str, quick: bool) -> None:
   """DIR/REGIME/splits/{train,positive}.jsonl: the corpus less the reviews its tasks validate on.
 
-  The RL validation prompts are drawn by data.load from each task's config; a
+  The RL validation prompts are drawn by prompts.load from each task's config; a
   review is held out when its text starts with a validation prompt followed by
   its demonstration (the continuation format cuts the review there), so SFT
   and RM never see the text the arms are evaluated on.
@@ -148,7 +148,7 @@ def write_training_reviews(d: Path, regime: str, quick: bool) -> None:
   tokenizer = train.load_tokenizer(str(root / "assets" / "policy"))
   held = set()
   for task in (t for t, (r, _) in TASKS.items() if r == regime):
-    val = data.load(rl_config(task, Arm("sft", ""), d, quick).data, tokenizer).validation
+    val = prompts.load(rl_config(task, Arm("sft", ""), d, quick).data, tokenizer).validation
     held.update(p + y for p, y in zip(val.prompt_texts, val.demo_texts))
   lines = (root / "assets" / "reviews.jsonl").read_text(encoding="utf-8").splitlines()
   rows = [json.loads(line) for line in lines]

@@ -1,13 +1,12 @@
-"""Data pipeline: the paper's prompt constructions, splits, batches and bad inputs."""
+"""Prompts and demonstrations: the paper's prompt constructions, sources, splits and bad inputs."""
 
 import csv
 import json
 import time
 
-import numpy as np
 import pytest
 
-from rcfd_jax import data
+from rcfd_jax import prompts
 from rcfd_jax.errors import UserError
 from rcfd_jax.reproduce import corpus, tiny
 
@@ -23,7 +22,7 @@ def reviews(tmp_path_factory):
 
 
 def _cfg(path, **kw):
-  c = data.default_data_config()
+  c = prompts.default_data_config()
   c.path = str(path)
   c.update(kw)
   return c
@@ -53,7 +52,7 @@ def test_columns_same_result_from_jsonl_csv_parquet(tmp_path, tok):
     w.writeheader()
     w.writerows(QA)
   datasets.Dataset.from_list(QA).to_parquet(str(tmp_path / "qa.parquet"))
-  got = [data.load_prompts(_cfg(tmp_path / f"qa.{ext}", prompt_template="Q: {prompt}\nA:"), tok)
+  got = [prompts.load_prompts(_cfg(tmp_path / f"qa.{ext}", prompt_template="Q: {prompt}\nA:"), tok)
          for ext in ("jsonl", "csv", "parquet")]
   for ds in got:
     assert ds.prompt_texts[3] == "Q: Tell me about film 3.\nA:"
@@ -68,16 +67,16 @@ def test_columns_same_result_from_jsonl_csv_parquet(tmp_path, tok):
 def test_directory_picks_the_split_files(tmp_path, tok):
   _jsonl(tmp_path / "train.jsonl", QA[:8])
   _jsonl(tmp_path / "validation.jsonl", QA[8:])
-  assert len(data.load_prompts(_cfg(tmp_path), tok)) == 8
-  assert len(data.load_prompts(_cfg(tmp_path, split="validation"), tok)) == 4
+  assert len(prompts.load_prompts(_cfg(tmp_path), tok)) == 8
+  assert len(prompts.load_prompts(_cfg(tmp_path, split="validation"), tok)) == 4
   with pytest.raises(UserError, match="no split 'test'.*train, validation"):
-    data.load_prompts(_cfg(tmp_path, split="test"), tok)
+    prompts.load_prompts(_cfg(tmp_path, split="test"), tok)
 
 
 def test_continuation_splits_at_exactly_n_tokens_with_label_filter(reviews, tok):
   cfg = _cfg(reviews, format="continuation", label_column="label", label_value="positive",
              prompt_tokens=10, max_prompt_tokens=10, demo_max_tokens=1000)
-  ds = data.load_prompts(cfg, tok)
+  ds = prompts.load_prompts(cfg, tok)
   rows = [json.loads(line) for line in reviews.read_text().splitlines()]
   positive = [r for r in rows if r["label"] == "positive"]
   assert len(ds) == len(positive) and all(e["label"] == "positive" for e in ds.extras)
@@ -107,8 +106,8 @@ def test_continuation_prompt_keeps_its_first_token_under_a_tokenizer_that_adds_b
   with pytest.raises(UserError, match=r"max_prompt_tokens=4 cannot hold .*prompt_tokens=4 text tokens "
                                       r"plus 1 the policy tokenizer adds \(<s>\); set "
                                       r"data.max_prompt_tokens=5"):
-    data.load_prompts(_cfg(path, format="continuation", prompt_tokens=4, max_prompt_tokens=4), bos)
-  ds = data.load_prompts(_cfg(path, format="continuation", prompt_tokens=4, max_prompt_tokens=5), bos)
+    prompts.load_prompts(_cfg(path, format="continuation", prompt_tokens=4, max_prompt_tokens=4), bos)
+  ds = prompts.load_prompts(_cfg(path, format="continuation", prompt_tokens=4, max_prompt_tokens=5), bos)
   assert ds.prompt_ids[0] == [bos.bos_token_id] + _enc(bos, "the film was very")
   assert ds.prompt_texts[0] == "the film was very"
   assert ds.demo_ids[0] == _enc(bos, "good a long story") + [bos.eos_token_id]
@@ -122,7 +121,7 @@ def test_presets_leave_room_for_bos():
 
 
 def test_continuation_truncates_demonstration_and_appends_eos(reviews, tok):
-  ds = data.load_prompts(_cfg(reviews, format="continuation", prompt_tokens=4,
+  ds = prompts.load_prompts(_cfg(reviews, format="continuation", prompt_tokens=4,
                               max_prompt_tokens=8, demo_max_tokens=6), tok)
   assert all(len(d) <= 6 and d[-1] == tok.eos_token_id for d in ds.demo_ids)
   assert ds.demo_ids[0][:-1] == _enc(tok, ds.demo_texts[0])
@@ -137,14 +136,14 @@ def test_tldr_confidence_filter_chosen_summary_and_template(tmp_path, tok):
   rows = [row(0, 9), row(1, 5, choice=0), row(2, 4), row(3, None), row(4, 7, post=None),
           row(5, 6)]
   path = _jsonl(tmp_path / "comparisons.jsonl", rows)
-  ds = data.load_prompts(_cfg(path, format="tldr", prompt_template="Summarize: {prompt}",
+  ds = prompts.load_prompts(_cfg(path, format="tldr", prompt_template="Summarize: {prompt}",
                               max_prompt_tokens=64), tok)
   assert ds.demo_texts == [" cat wakes me 0", " bad summary 1", " cat wakes me 5"]
   assert ds.prompt_texts[0] == "Summarize: My cat keeps waking me up at night."
   assert ds.prompt_ids[0] == _enc(tok, ds.prompt_texts[0])
   assert ds.extras[0]["info"] == {"id": "p0", "title": "cat", "subreddit": "pets"}
   assert ds.extras[0]["worker"] == "w" and "summaries" not in ds.extras[0]
-  lenient = data.load_prompts(_cfg(path, format="tldr", min_confidence=1), tok)
+  lenient = prompts.load_prompts(_cfg(path, format="tldr", min_confidence=1), tok)
   assert len(lenient) == 4  # still no row without confidence or without a post
 
 
@@ -153,37 +152,37 @@ def test_prompt_overflow_truncate_keeps_template_and_end_drop_and_error(tmp_path
   path = _jsonl(tmp_path / "p.jsonl", [{"prompt": long, "demonstration": "ok"},
                                        {"prompt": "short", "demonstration": "ok"}])
   kw = dict(prompt_template="Summarize: {prompt} TL;DR:", max_prompt_tokens=40)
-  ds = data.load_prompts(_cfg(path, prompt_overflow="truncate", **kw), tok)
+  ds = prompts.load_prompts(_cfg(path, prompt_overflow="truncate", **kw), tok)
   assert len(ds.prompt_ids[0]) == 40
   head, tail = _enc(tok, "Summarize: "), _enc(tok, " TL;DR:")
   assert ds.prompt_ids[0][:len(head)] == head and ds.prompt_ids[0][-len(tail):] == tail
   assert ds.prompt_texts[0].startswith("Summarize: ") and ds.prompt_texts[0].endswith("word TL;DR:")
-  assert len(data.load_prompts(_cfg(path, prompt_overflow="drop", **kw), tok)) == 1
+  assert len(prompts.load_prompts(_cfg(path, prompt_overflow="drop", **kw), tok)) == 1
   with pytest.raises(UserError, match="row 0: the prompt has .*max_prompt_tokens=40"):
-    data.load_prompts(_cfg(path, prompt_overflow="error", **kw), tok)
+    prompts.load_prompts(_cfg(path, prompt_overflow="error", **kw), tok)
   with pytest.raises(UserError, match="template alone"):
-    data.load_prompts(_cfg(path, prompt_template="Summarize " * 20 + "{prompt}",
+    prompts.load_prompts(_cfg(path, prompt_template="Summarize " * 20 + "{prompt}",
                            max_prompt_tokens=16), tok)
 
 
 def test_max_examples_and_fingerprint(tmp_path, reviews, tok):
   cfg = _cfg(reviews, format="continuation", max_examples=50)
-  a, b = data.load_prompts(cfg, tok), data.load_prompts(cfg, tok)
+  a, b = prompts.load_prompts(cfg, tok), prompts.load_prompts(cfg, tok)
   assert len(a) == 50 and a.fingerprint == b.fingerprint
   from transformers import AutoTokenizer
   tok.save_pretrained(tmp_path / "tok")  # the cache key survives a save and reload
-  assert data.load_prompts(cfg, AutoTokenizer.from_pretrained(tmp_path / "tok")).fingerprint \
+  assert prompts.load_prompts(cfg, AutoTokenizer.from_pretrained(tmp_path / "tok")).fingerprint \
       == a.fingerprint
   other_tok = tiny.train_tokenizer(corpus.pretraining_texts(100, seed=9), vocab_size=300)
-  assert data.load_prompts(cfg, other_tok).fingerprint != a.fingerprint
-  assert data.load_prompts(_cfg(reviews, format="continuation", max_examples=50,
+  assert prompts.load_prompts(cfg, other_tok).fingerprint != a.fingerprint
+  assert prompts.load_prompts(_cfg(reviews, format="continuation", max_examples=50,
                                 demo_max_tokens=30), tok).fingerprint != a.fingerprint
   copy = tmp_path / "copy.jsonl"
   copy.write_bytes(reviews.read_bytes())
-  assert data.load_prompts(_cfg(copy, format="continuation", max_examples=50),
+  assert prompts.load_prompts(_cfg(copy, format="continuation", max_examples=50),
                            tok).fingerprint == a.fingerprint  # content, not path
   copy.write_bytes(reviews.read_bytes() + b'{"text": "one more review here", "label": "x"}\n')
-  assert data.load_prompts(_cfg(copy, format="continuation", max_examples=50),
+  assert prompts.load_prompts(_cfg(copy, format="continuation", max_examples=50),
                            tok).fingerprint != a.fingerprint
 
 
@@ -193,82 +192,19 @@ def test_max_examples_and_fingerprint(tmp_path, reviews, tok):
 def test_split_deterministic_disjoint_and_grouped_by_prompt(tmp_path, tok):
   rows = QA + [{"prompt": QA[0]["prompt"], "demonstration": "Another answer.", "id": 99}]
   cfg = _cfg(_jsonl(tmp_path / "qa.jsonl", rows), validation_size=4, shuffle_seed=1)
-  ds = data.load_prompts(cfg, tok)
-  s1, s2 = data.split(ds, cfg), data.split(ds, cfg)
+  ds = prompts.load_prompts(cfg, tok)
+  s1, s2 = prompts.split(ds, cfg), prompts.split(ds, cfg)
   assert s1.validation.prompt_texts == s2.validation.prompt_texts
   assert s1.train.fingerprint == s2.train.fingerprint != s1.validation.fingerprint
   assert not set(s1.train.prompt_texts) & set(s1.validation.prompt_texts)
   assert len(s1.train) + len(s1.validation) == len(ds) and len(s1.validation) >= 4
   cfg.shuffle_seed = 2
-  assert data.split(ds, cfg).validation.prompt_texts != s1.validation.prompt_texts
+  assert prompts.split(ds, cfg).validation.prompt_texts != s1.validation.prompt_texts
   cfg.validation_size, cfg.validation_fraction = 0, 0.5
-  assert len(data.load(cfg, tok).validation) in (6, 7)
+  assert len(prompts.load(cfg, tok).validation) in (6, 7)
   cfg.validation_size = len(ds)
   with pytest.raises(UserError, match="leave some for training"):
-    data.split(ds, cfg)
-
-
-# ------------------------------------------------------------------------ batcher
-
-
-@pytest.fixture(scope="module")
-def train_set(reviews, tok):
-  cfg = _cfg(reviews, format="continuation", max_examples=45, prompt_tokens=6,
-             max_prompt_tokens=9, demo_max_tokens=20)
-  return cfg, data.load_prompts(cfg, tok)
-
-
-def test_batcher_deterministic_fixed_shapes_and_padding(train_set, tok):
-  cfg, ds = train_set
-  a, b = data.Batcher(ds, 8, cfg, tok.pad_token_id), data.Batcher(ds, 8, cfg, tok.pad_token_id)
-  for step in (0, 5, 11):
-    x, y = a.batch(step), b.batch(step)
-    np.testing.assert_array_equal(x.indices, y.indices)
-    assert x.prompt_ids.shape == (8, 9) and x.demo_ids.shape == (8, 20)
-    assert x.prompt_ids.dtype == np.int32
-  x = a.batch(2)
-  for row, i in enumerate(x.indices):
-    p, d = ds.prompt_ids[i], ds.demo_ids[i]
-    assert x.prompt_ids[row, 9 - len(p):].tolist() == p and x.prompt_mask[row].sum() == len(p)
-    assert x.prompt_mask[row, 9 - len(p):].all() and (x.prompt_ids[row, :9 - len(p)] == 0).all()
-    assert x.demo_ids[row, :len(d)].tolist() == d and x.demo_mask[row].sum() == len(d)
-    assert x.demo_texts[row] == ds.demo_texts[i] and x.prompt_texts[row] == ds.prompt_texts[i]
-
-
-def test_batcher_epochs_see_every_example_once_and_wrap(train_set, tok):
-  cfg, ds = train_set  # 45 examples, batch 8: batch 5 straddles epochs 0 and 1
-  b = data.Batcher(ds, 8, cfg, tok.pad_token_id)
-  stream = np.concatenate([b.batch(s).indices for s in range(12)])  # 96 = 2 epochs + 6
-  for e in range(2):
-    epoch = stream[45 * e:45 * (e + 1)]
-    assert sorted(epoch.tolist()) == list(range(45))
-    perm = np.random.default_rng([cfg.shuffle_seed, e]).permutation(45)
-    np.testing.assert_array_equal(epoch, perm)
-  assert not np.array_equal(stream[:45], stream[45:90])
-  assert b.position(5) == data.DataPosition(epoch=0, offset=40)
-  assert b.position(6) == data.DataPosition(epoch=1, offset=3) == b.batch(6).position
-
-
-def test_batcher_process_shares_concatenate_to_global_batch(train_set, tok):
-  cfg, ds = train_set
-  b = data.Batcher(ds, 8, cfg, tok.pad_token_id)
-  for step in (0, 5):
-    whole = b.batch(step)
-    shares = [b.batch(step, p, 4) for p in range(4)]
-    assert all(s.prompt_ids.shape == (2, 9) for s in shares)
-    np.testing.assert_array_equal(np.concatenate([s.indices for s in shares]), whole.indices)
-    np.testing.assert_array_equal(np.concatenate([s.demo_ids for s in shares]), whole.demo_ids)
-  with pytest.raises(UserError, match="not divisible by the 3 processes"):
-    b.batch(0, 0, 3)
-
-
-def test_batcher_state_checks_resume(train_set, tok):
-  cfg, ds = train_set
-  b = data.Batcher(ds, 8, cfg, tok.pad_token_id)
-  saved = json.loads(json.dumps(b.state(7)))
-  b.check_state(7, saved)
-  with pytest.raises(UserError, match="global_batch_size 8 -> 4"):
-    data.Batcher(ds, 4, cfg, tok.pad_token_id).check_state(7, saved)
+    prompts.split(ds, cfg)
 
 
 # ------------------------------------------------------------------------ errors
@@ -276,33 +212,33 @@ def test_batcher_state_checks_resume(train_set, tok):
 
 def test_missing_file(tmp_path, tok):
   with pytest.raises(UserError, match="does not exist"):
-    data.load_prompts(_cfg(tmp_path / "nope.jsonl"), tok)
+    prompts.load_prompts(_cfg(tmp_path / "nope.jsonl"), tok)
 
 
 def test_missing_column_names_available_ones(tmp_path, tok):
   path = _jsonl(tmp_path / "qa.jsonl", QA)
   with pytest.raises(UserError, match="'answer' is not in .*available columns: prompt, "
                                       "demonstration, id"):
-    data.load_prompts(_cfg(path, demo_column="answer"), tok)
+    prompts.load_prompts(_cfg(path, demo_column="answer"), tok)
   with pytest.raises(UserError, match="'stars'"):
-    data.load_prompts(_cfg(path, label_column="stars", label_value="5"), tok)
+    prompts.load_prompts(_cfg(path, label_column="stars", label_value="5"), tok)
 
 
 def test_empty_after_filtering_names_only_the_filters_the_config_sets(reviews, tmp_path, tok):
   with pytest.raises(UserError, match="no examples left") as e:
-    data.load_prompts(_cfg(reviews, format="continuation", label_column="label",
+    prompts.load_prompts(_cfg(reviews, format="continuation", label_column="label",
                            label_value="lukewarm"), tok)
   assert "'label' == 'lukewarm'" in str(e.value) and "prompt_tokens=10" in str(e.value)
   assert "confidence" not in str(e.value) and "format=" not in str(e.value)
   path = _jsonl(tmp_path / "qa.jsonl", [dict(r, kind="qa") for r in QA])
   with pytest.raises(UserError, match=r"after filtering \(data.label_column 'kind' == 'chat'\);") as e:
-    data.load_prompts(_cfg(path, label_column="kind", label_value="chat"), tok)
+    prompts.load_prompts(_cfg(path, label_column="kind", label_value="chat"), tok)
 
 
 def test_empty_demonstration(tmp_path, tok):
   path = _jsonl(tmp_path / "qa.jsonl", QA[:3] + [{"prompt": "Hi", "demonstration": "  "}])
   with pytest.raises(UserError, match="row 3: the demonstration is empty"):
-    data.load_prompts(_cfg(path), tok)
+    prompts.load_prompts(_cfg(path), tok)
 
 
 @pytest.mark.parametrize("ext", ["jsonl", "csv"])
@@ -312,22 +248,22 @@ def test_non_utf8(tmp_path, tok, ext):
           else "prompt,demonstration\nok,ok\ncaf\u00e9,ok\n")
   path.write_bytes(body.encode("latin-1"))
   with pytest.raises(UserError, match=r"not UTF-8 text \(byte 0xe9 on line \d\)"):
-    data.load_prompts(_cfg(path), tok)
+    prompts.load_prompts(_cfg(path), tok)
 
 
 def test_bad_config_values(tmp_path, tok):
   path = _jsonl(tmp_path / "qa.jsonl", QA)
   with pytest.raises(UserError, match="data.format must be one of"):
-    data.load_prompts(_cfg(path, format="chat"), tok)
+    prompts.load_prompts(_cfg(path, format="chat"), tok)
   with pytest.raises(UserError, match="must contain '\\{prompt\\}'"):
-    data.load_prompts(_cfg(path, prompt_template="Summarize:"), tok)
+    prompts.load_prompts(_cfg(path, prompt_template="Summarize:"), tok)
 
 
 def test_hub_id_offline_fails_fast(tok, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   start = time.perf_counter()
   with pytest.raises(UserError, match="hub dataset id.*offline.*local"):
-    data.load_prompts(_cfg("openai/summarize_from_feedback", format="tldr",
+    prompts.load_prompts(_cfg("openai/summarize_from_feedback", format="tldr",
                            hub_config="comparisons"), tok)
   assert time.perf_counter() - start < 5
 
@@ -365,7 +301,7 @@ def test_hub_dataset_with_a_loading_script_reads_the_parquet_conversion(script_o
   cfg = _cfg("openai/summarize_from_feedback", format="tldr", hub_config="comparisons",
              prompt_template="Summarize: {prompt}", max_prompt_tokens=64)
   with caplog.at_level("WARNING"):
-    ds = data.load_prompts(cfg, tok)
+    ds = prompts.load_prompts(cfg, tok)
   assert script_only_hub[-1] == ("openai/summarize_from_feedback", "comparisons", "train",
                                  "refs/convert/parquet")
   assert ds.demo_texts == [f" cat wakes me {i}" for i in range(6)]
@@ -378,10 +314,10 @@ def test_hub_dataset_with_a_loading_script_fails_in_one_line_naming_the_revision
   cfg = _cfg("openai/summarize_from_feedback", format="tldr", hub_config="")
   with pytest.raises(UserError, match=r"parquet conversion \(revision refs/convert/parquet\) has no "
                                       r"config '' but axis, comparisons; set data.hub_config"):
-    data.load_prompts(cfg, tok)
+    prompts.load_prompts(cfg, tok)
 
 
 def test_tldr_rows_without_the_fields_it_reads(tmp_path, tok):
   rows = [dict(r, extra={"score": 1}) for r in _tldr_rows()]
   with pytest.raises(UserError, match=r"the tldr format reads extra.confidence, which the rows"):
-    data.load_prompts(_cfg(_jsonl(tmp_path / "c.jsonl", rows), format="tldr"), tok)
+    prompts.load_prompts(_cfg(_jsonl(tmp_path / "c.jsonl", rows), format="tldr"), tok)
