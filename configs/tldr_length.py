@@ -10,7 +10,11 @@ The baseline R_alpha = R_RM + alpha * R_length needs a sweep of alpha
 alpha*=0.005: 4.68 / 50.2 / 0.46; RCfD: 4.23 / 39.4 / 0.39.
 """
 
-from configs import tldr
+from pathlib import Path
+
+from rcfd_jax import config as base
+
+tldr = base.load_file(Path(__file__).with_name("tldr.py"))  # beside this file, in a checkout or installed
 
 
 def get_config(arg=None):

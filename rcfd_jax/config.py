@@ -7,6 +7,10 @@ command line because configs are locked.
 
 from __future__ import annotations
 
+import importlib.util
+import types
+from pathlib import Path
+
 import ml_collections
 from absl import logging
 
@@ -194,3 +198,33 @@ def check(c: ml_collections.ConfigDict) -> None:
                     "rollout.max_new_tokens=%d; length-sensitive rewards of R(x, y_d) then exceed what the "
                     "policy can reach: set data.demo_max_tokens <= rollout.max_new_tokens (both count the EOS)",
                     c.data.demo_max_tokens, c.rollout.max_new_tokens)
+
+
+# ---------------------------------------------------------------- experiment files
+
+
+def experiment_dir() -> Path:
+  """configs/: beside the package in a checkout, inside it (rcfd_jax/configs) once pip-installed."""
+  package = Path(__file__).resolve().parent
+  for d in (package / "configs", package.parent / "configs"):
+    if d.is_dir():
+      return d
+  raise UserError(f"no configs/ directory in {package} or beside it; reinstall rcfd_jax")
+
+
+def experiment_file(name: str) -> Path:
+  """configs/NAME.py, wherever experiment_dir() finds configs/."""
+  path = experiment_dir() / f"{name}.py"
+  if not path.is_file():
+    names = sorted(p.stem for p in path.parent.glob("*.py"))
+    raise UserError(f"no config {name!r} in {path.parent}; there are {', '.join(names)}")
+  return path
+
+
+def load_file(path: str | Path) -> types.ModuleType:
+  """A config file as a module, loaded by path as --config=PATH loads it: no package `configs` needed."""
+  path = Path(path)
+  spec = importlib.util.spec_from_file_location(f"configs_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -1,6 +1,7 @@
 """Every experiment config loads, passes the pre-flight checks and documents its command."""
 
 import importlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ from rcfd_jax import config as config_lib
 from rcfd_jax.errors import UserError
 
 RL_CONFIGS = ["tiny", "wiki_seqll", "imdb", "tldr", "tldr_length"]
+REPO = Path(__file__).resolve().parent.parent
+NAMES = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 
 
 @pytest.mark.parametrize("name", RL_CONFIGS)
@@ -75,3 +78,29 @@ def test_rcfd_group_takes_no_other_baseline():
     c.rl.baseline = baseline
     with pytest.raises(UserError, match="whiten or none"):
       config_lib.check(c)
+
+
+def test_experiment_file_finds_every_config_by_name():
+  assert {"reproduce", "sft_tiny", "rm_tiny", *RL_CONFIGS} <= set(NAMES)
+  for name in NAMES:
+    assert config_lib.experiment_file(name) == REPO / "configs" / f"{name}.py"
+  with pytest.raises(UserError, match="no config 'tldr_lenght' in .*; there are imdb, "):
+    config_lib.experiment_file("tldr_lenght")
+
+
+def test_installed_configs_are_found_inside_the_package_and_load_their_neighbours(tmp_path, monkeypatch):
+  """pip install puts configs/*.py in rcfd_jax/configs; tldr_length loads the tldr.py beside it, not the checkout's."""
+  tomllib = pytest.importorskip("tomllib")
+  setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+  assert setuptools["package-dir"] == {"rcfd_jax.configs": "configs"}
+  packages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "rcfd_jax").rglob("__init__.py")}
+  assert set(setuptools["packages"]) == packages | {"rcfd_jax.configs"}  # every sub-package installs
+  package = tmp_path / "site-packages" / "rcfd_jax"
+  shutil.copytree(REPO / "configs", package / "configs")
+  monkeypatch.setattr(config_lib, "__file__", str(package / "config.py"))
+  assert config_lib.experiment_dir() == package.resolve() / "configs"
+  for name in NAMES:
+    assert config_lib.experiment_file(name) == package.resolve() / "configs" / f"{name}.py"
+  both = config_lib.load_file(config_lib.experiment_file("tldr_length"))
+  assert Path(both.tldr.__file__) == package.resolve() / "configs" / "tldr.py"
+  assert tuple(both.get_config().reward.sources) == ("classifier", "length")

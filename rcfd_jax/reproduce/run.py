@@ -43,7 +43,6 @@ numbers mean nothing.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -55,26 +54,17 @@ import jax
 import numpy as np
 from absl import logging
 
-from rcfd_jax import evaluation, prompts, supervised, train, validate
+from rcfd_jax import config as config_lib, evaluation, prompts, supervised, train, validate
 from rcfd_jax.errors import UserError
 from rcfd_jax.reproduce import prepare, report
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-def _config_module(name: str):
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def load_config(name: str, arg: str):
   """get_config(arg) of configs/NAME.py: the same files `main --config=` reads."""
-  return _config_module(name).get_config(arg)
+  return config_lib.load_file(config_lib.experiment_file(name)).get_config(arg)
 
 
-TASKS = _config_module("reproduce").TASKS  # task -> (corpus regime, reward): configs/reproduce.py
+TASKS = config_lib.load_file(config_lib.experiment_file("reproduce")).TASKS  # task -> (corpus regime, reward)
 REGIMES = ("plain", "voiced")
 QUICK_TASKS = ("loglik", "sentiment_voiced")  # one per regime and per reward: every stage and arm kind
 BETAS = (0.01, 0.1)        # KL arms; 0.01 is too weak on both plain tasks, 0.1 too strong on loglik
