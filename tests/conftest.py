@@ -1,8 +1,11 @@
 """Test setup: 8 forced host CPU devices, so sharding tests see a (2, 2, 2) mesh.
 
-The flag must be set before jax initialises its backends.
+The flag must be set before jax initialises its backends. `load_config` is
+the one way tests build an experiment config (import it: `from conftest
+import load_config`).
 """
 
+import importlib.util
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -17,6 +20,28 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import pytest  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, overrides=None):
+  """configs/NAME.py's get_config, with dotted-key overrides applied.
+
+  name: a config file's stem, optionally with its argument as on the command
+    line after the colon: "tiny", "tiny:/tmp/assets", "reproduce:sentiment,DIR".
+  overrides: {"rl.objective": "max", "mesh.shape": (1, 1, 1), ...}, applied in
+    order like --config.rl.objective=max. A key the config does not have
+    raises (the config is locked while they are applied, as the command line
+    locks it); the config comes back unlocked, as get_config returns it.
+  """
+  stem, sep, arg = name.partition(":")
+  spec = importlib.util.spec_from_file_location(f"configs.{stem}", os.path.join(_REPO, "configs", f"{stem}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg if sep else None)
+  if overrides:
+    c.lock()
+    c.update_from_flattened_dict(dict(overrides))
+    c.unlock()
+  return c
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_config
+
 pytest.importorskip("libtpu", reason="libtpu is not installed here (pip install 'jax[tpu]==0.10.2'); "
                                       "nothing can be compiled for a TPU")
 
@@ -27,20 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 KEYS = {"peak_gib_per_chip", "flops", "model_flops", "bytes_accessed", "estimated_seconds", "mfu"}
 
 
-def tiny_config(assets, **overrides):
-  from configs import tiny
-  c = tiny.get_config(str(assets))
-  for key, value in overrides.items():
-    *path, leaf = key.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
 def test_tiny_config_compiles_for_a_v5e_slice(tiny_assets, tmp_path):
-  result = aot.compile_config(tiny_config(tiny_assets), "v5e:2x2")
+  result = aot.compile_config(load_config(f"tiny:{tiny_assets}"), "v5e:2x2")
   assert (result["topology"], result["chips"], result["fits"]) == ("v5e:2x2", 4, True)
   assert result["hbm_gib_per_chip"] == pytest.approx(15.75)
   assert set(result["programs"]) == {"iteration", "eval_rollout", "demo_scoring"}
@@ -120,7 +110,7 @@ def test_in_place_updates_count_their_update_not_the_buffer():
 
 @pytest.fixture(scope="module")
 def one_device(tiny_assets):
-  c = tiny_config(tiny_assets, **{"mesh.shape": (1, 1, 1), "mesh.devices": 1})
+  c = load_config(f"tiny:{tiny_assets}", {"mesh.shape": (1, 1, 1), "mesh.devices": 1})
   return train.setup(c)
 
 

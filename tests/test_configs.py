@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_config
 from rcfd_jax import config as config_lib
 from rcfd_jax.errors import UserError
 
@@ -16,12 +17,11 @@ NAMES = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 
 @pytest.mark.parametrize("name", RL_CONFIGS)
 def test_config_is_valid_and_documented(name):
-  module = importlib.import_module(f"configs.{name}")
-  c = module.get_config()
+  c = load_config(name)
   config_lib.check(c)
   # Both count the EOS: no demonstration outgrows the longest completion.
   assert c.data.demo_max_tokens <= c.rollout.max_new_tokens
-  assert f"--config=configs/{name}.py" in module.__doc__
+  assert f"--config=configs/{name}.py" in importlib.import_module(f"configs.{name}").__doc__
   # Locked like the CLI locks it: a misspelt field is refused.
   c.lock()
   with pytest.raises(AttributeError):
@@ -29,17 +29,17 @@ def test_config_is_valid_and_documented(name):
 
 
 def test_paper_hyperparameters():
-  imdb = importlib.import_module("configs.imdb").get_config()
+  imdb = load_config("imdb")
   assert (imdb.rl.clip_eps, imdb.optim.learning_rate, imdb.model.lora.rank, imdb.model.lora.alpha) == (
       0.3, 5e-5, 32, 64.0)
   assert imdb.rollout.max_new_tokens == 160 and imdb.data.prompt_tokens == 10
   assert imdb.rollout.prompts_per_step == 8 * 50
-  tldr = importlib.import_module("configs.tldr").get_config()
+  tldr = load_config("tldr")
   assert tldr.data.min_confidence == 5 and tldr.data.prompt_template == "Summarize: {prompt}"
   assert tldr.rollout.prompts_per_step == 25 * 20
-  both = importlib.import_module("configs.tldr_length").get_config()
+  both = load_config("tldr_length")
   assert tuple(both.reward.sources) == ("classifier", "length")
-  wiki = importlib.import_module("configs.wiki_seqll").get_config()
+  wiki = load_config("wiki_seqll")
   assert wiki.data.prompt_tokens == 64 and wiki.rollout.max_new_tokens == 320
 
 
@@ -52,13 +52,8 @@ def test_paper_hyperparameters():
     ("eval.samples_per_prompt", 0, "eval.samples_per_prompt"),
 ])
 def test_inconsistent_configs_are_refused(field, value, match):
-  c = importlib.import_module("configs.tiny").get_config()
-  c.rollout.samples_per_prompt = 1
-  c.rl.baseline = "whiten"
-  if field == "rl.alpha":
-    c.rl.objective = "weighted"
-  section, key = field.split(".")
-  setattr(getattr(c, section), key, value)
+  weighted = {"rl.objective": "weighted"} if field == "rl.alpha" else {}
+  c = load_config("tiny", {"rollout.samples_per_prompt": 1, "rl.baseline": "whiten", **weighted, field: value})
   with pytest.raises(UserError, match=match):
     config_lib.check(c)
 
@@ -69,8 +64,7 @@ def test_every_config_file_is_tested():
 
 
 def test_rcfd_group_takes_no_other_baseline():
-  c = importlib.import_module("configs.tiny").get_config()
-  c.rl.objective, c.rollout.samples_per_prompt = "rcfd_group", 4
+  c = load_config("tiny", {"rl.objective": "rcfd_group", "rollout.samples_per_prompt": 4})
   for baseline in ("whiten", "none"):
     c.rl.baseline = baseline
     config_lib.check(c)

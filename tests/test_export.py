@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from configs import tiny as tiny_config
+from conftest import load_config
 from rcfd_jax import export, train
 from rcfd_jax.reproduce import prepare
 
@@ -14,18 +14,11 @@ from rcfd_jax.reproduce import prepare
 def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("export")
   assets = prepare.build(root / "assets", n_reviews=300, width=32)
-  c = tiny_config.get_config(str(assets))
-  c.total_steps = 2
-  c.reward.sources = ("loglik",)
-  c.reward.cache_dir = str(root / "cache")
-  c.model.lora.rank = 4
-  c.model.lora.targets = ("c_attn", "c_fc")
-  c.optim.learning_rate = 1e-2
-  c.checkpoint.every_steps = 2
-  c.eval.every_steps = 2
-  c.eval.num_prompts = 8
-  c.mesh.shape = (1, 1, 1)
-  c.mesh.devices = 1
+  c = load_config(f"tiny:{assets}", {
+      "total_steps": 2, "reward.sources": ("loglik",), "reward.cache_dir": str(root / "cache"),
+      "model.lora.rank": 4, "model.lora.targets": ("c_attn", "c_fc"), "optim.learning_rate": 1e-2,
+      "checkpoint.every_steps": 2, "eval.every_steps": 2, "eval.num_prompts": 8,
+      "mesh.shape": (1, 1, 1), "mesh.devices": 1})
   train.run(c, str(root / "run"))
   return root / "run"
 

@@ -4,6 +4,7 @@ import types
 
 import numpy as np
 
+from conftest import load_config
 from rcfd_jax import rewards, train
 from rcfd_jax.reproduce import corpus, tiny
 
@@ -31,12 +32,11 @@ def test_evaluation_scores_host_rewards_per_validation_prompt(tiny_assets, tmp_p
   """The eval rollout goes through the same bridge: one reward per validation prompt, on the decoded text."""
   import json
 
-  from configs import tiny as tiny_config
-  c = tiny_config.get_config(str(tiny_assets))
-  c.total_steps, c.eval.every_steps, c.checkpoint.every_steps = 1, 1, 1
-  c.reward.sources, c.reward.function.name = ("function",), "sentiment_words"
-  c.reward.cache_dir = str(tmp_path / "cache")
-  c.rl.objective, c.mesh.shape, c.mesh.devices = "max", (1, 1, 1), 1
+  c = load_config(f"tiny:{tiny_assets}", {
+      "total_steps": 1, "eval.every_steps": 1, "checkpoint.every_steps": 1,
+      "reward.sources": ("function",), "reward.function.name": "sentiment_words",
+      "reward.cache_dir": str(tmp_path / "cache"), "rl.objective": "max", "mesh.shape": (1, 1, 1),
+      "mesh.devices": 1})
   train.run(c, str(tmp_path / "run"))
   result = json.loads((tmp_path / "run" / "eval" / "step_1.json").read_text())
   assert result["num_samples"] == c.eval.num_prompts

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs import tiny as tiny_config
+from conftest import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,12 +90,7 @@ def _checkpoint_params(workdir: Path, step: int) -> dict[str, np.ndarray]:
 def test_two_processes_match_one(tiny_assets, tmp_path):
   from rcfd_jax import train
   cache = tmp_path / "cache"  # the single-process run fills it; the launches read it
-  c = tiny_config.get_config(str(tiny_assets))
-  c.total_steps = 2
-  c.reward.cache_dir = str(cache)
-  for k, v in OVERRIDES.items():
-    section, field = k.split(".")
-    c[section][field] = v
+  c = load_config(f"tiny:{tiny_assets}", {"total_steps": 2, "reward.cache_dir": str(cache), **OVERRIDES})
   t0 = time.perf_counter()
   state = train.run(c, str(tmp_path / "single"))
   t1 = time.perf_counter()

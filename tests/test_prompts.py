@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from conftest import load_config
 from rcfd_jax import prompts
 from rcfd_jax.errors import UserError
 from rcfd_jax.reproduce import corpus, tiny
@@ -114,9 +115,8 @@ def test_continuation_prompt_keeps_its_first_token_under_a_tokenizer_that_adds_b
 
 
 def test_presets_leave_room_for_bos():
-  import importlib
   for name in ("imdb", "wiki_seqll"):
-    c = importlib.import_module(f"configs.{name}").get_config().data
+    c = load_config(name).data
     assert c.max_prompt_tokens == c.prompt_tokens + 1, name
 
 

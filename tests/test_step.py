@@ -10,7 +10,6 @@ few steps).
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
 import shutil
@@ -23,34 +22,23 @@ import optax
 import pytest
 from flax import nnx
 
+from conftest import load_config
 from rcfd_jax import checkpoint, metrics, models, rewards, rl, train
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import layers as L
 from rcfd_jax import step as step_lib
 from rcfd_jax.step import make_rollout, make_scorer, make_update
 
-REPO = Path(__file__).resolve().parents[1]
 N_MEASURE = 16
 
 
 def tiny_config(assets, cache_dir, **overrides):
-  spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(str(assets))
-  base = {
+  """configs/tiny.py on `assets` with the length reward, 16 prompts x 4 samples of 8 tokens, lr 1e-2."""
+  return load_config(f"tiny:{assets}", {
       "reward.cache_dir": str(cache_dir), "reward.sources": ("length",), "rl.baseline": "whiten",
       "rollout.max_new_tokens": 8, "rollout.prompts_per_step": 16, "rollout.samples_per_prompt": 4,
       "data.demo_max_tokens": 8, "data.max_examples": 64, "data.validation_size": 8,
-      "optim.learning_rate": 1e-2, "eval.num_prompts": 8,
-  }
-  for key, value in {**base, **overrides}.items():
-    *path, leaf = key.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+      "optim.learning_rate": 1e-2, "eval.num_prompts": 8, **overrides})
 
 
 PPO = {"rl.algorithm": "ppo", "rl.baseline": "gae", "rl.ppo.epochs": 2, "rl.ppo.minibatches": 2}

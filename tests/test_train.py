@@ -6,7 +6,6 @@ real command line, `python -m rcfd_jax.main`, and share a persistent XLA
 compilation cache so only the first of them compiles.
 """
 
-import importlib.util
 import json
 import shutil
 import signal
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import load_config
 from rcfd_jax import checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,18 +38,8 @@ TIMING_KEYS = {"tokens_per_second", "bridge_seconds"}
 
 
 def tiny_config(assets, cache_dir, **overrides):
-  spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(str(assets))
-  c.reward.cache_dir = str(cache_dir)
-  for key, value in {**FAST, **overrides}.items():
-    *path, leaf = key.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  """configs/tiny.py on `assets`, shrunk by FAST, caching demonstration rewards in cache_dir."""
+  return load_config(f"tiny:{assets}", {"reward.cache_dir": str(cache_dir), **FAST, **overrides})
 
 
 def cli_args(assets, cache_dir, workdir, **overrides):
