@@ -54,7 +54,7 @@ def score(ds, progs, parts, frozen, rewards, tokenizer, config) -> np.ndarray:
   return np.concatenate(out, axis=0).astype(np.float32)
 
 
-def targets(demo_nk: np.ndarray, target: str) -> np.ndarray:
+def calibration_targets(demo_nk: np.ndarray, target: str) -> np.ndarray:
   """[n, K] what rcfd and rcfd_group calibrate each training prompt to (config.rl.rcfd_target).
 
   demo: each prompt's own R(x, y_d), the paper's target.

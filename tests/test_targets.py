@@ -1,4 +1,4 @@
-"""rl.rcfd_target: what rcfd and rcfd_group calibrate each training prompt to (rcfd_jax.demos.targets)."""
+"""rl.rcfd_target: what rcfd and rcfd_group calibrate each training prompt to (rcfd_jax.demos.calibration_targets)."""
 
 import importlib
 
@@ -14,13 +14,13 @@ from rcfd_jax.errors import UserError
 
 def test_targets_demo_is_each_prompts_own_and_mean_is_the_column_mean():
   demo_nk = (np.random.default_rng(0).normal(size=(7, 2)) * [1.0, 30.0] + [0.5, -4.0]).astype(np.float32)
-  np.testing.assert_array_equal(demos.targets(demo_nk, "demo"), demo_nk)
-  mean_nk = demos.targets(demo_nk, "mean")
+  np.testing.assert_array_equal(demos.calibration_targets(demo_nk, "demo"), demo_nk)
+  mean_nk = demos.calibration_targets(demo_nk, "mean")
   assert mean_nk.shape == demo_nk.shape and mean_nk.dtype == np.float32
   for k in range(2):
     np.testing.assert_allclose(mean_nk[:, k], sum(float(v) for v in demo_nk[:, k]) / 7, rtol=1e-6)
   with pytest.raises(ValueError, match="median"):
-    demos.targets(demo_nk, "median")
+    demos.calibration_targets(demo_nk, "median")
 
 
 def _gradients(target: str, batches: int = 4000, p: int = 16, g: int = 4, seed: int = 0):
@@ -58,7 +58,7 @@ def test_mean_target_keeps_the_expected_gradient_and_removes_the_demonstrations_
 def test_config_refuses_an_unknown_target_and_a_target_no_objective_reads():
   c = importlib.import_module("configs.tiny").get_config()
   c.rl.objective, c.rl.baseline, c.rollout.samples_per_prompt = "rcfd_group", "whiten", 4
-  for target in config_lib.TARGETS:
+  for target in config_lib.CALIBRATION_TARGETS:
     c.rl.rcfd_target = target
     config_lib.check(c)
   c.rl.rcfd_target = "median"
