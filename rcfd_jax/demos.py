@@ -54,6 +54,25 @@ def score(ds, progs, parts, frozen, rewards, tokenizer, config) -> np.ndarray:
   return np.concatenate(out, axis=0).astype(np.float32)
 
 
+def calibration_targets(demo_nk: np.ndarray, target: str) -> np.ndarray:
+  """[n, K] what rcfd and rcfd_group calibrate each training prompt to (config.rl.rcfd_target).
+
+  demo: each prompt's own R(x, y_d), the paper's target.
+  mean: the training demonstrations' mean reward, per component, for every
+    prompt. Over the demonstrations of one prompt, E[(mu(x) - R_d)^2] =
+    (mu(x) - E[R_d|x])^2 + Var(R_d|x): the gradient in mu reads only
+    E[R_d|x], and each prompt's own R_d adds its deviation from it as zero-mean
+    noise. Where the prompt does not predict R_d, E[R_d|x] is the mean, and
+    this target has the same expected gradient with none of that noise; where
+    it does, it calibrates only the overall mean, not each prompt.
+  """
+  if target == "demo":
+    return demo_nk
+  if target == "mean":
+    return np.broadcast_to(demo_nk.mean(axis=0, dtype=np.float64), demo_nk.shape).astype(demo_nk.dtype)
+  raise ValueError(f"unknown calibration target {target!r}")
+
+
 def cache_key(ds, rewards, tokenizer, config) -> str:
   """Names the demonstration rewards of `ds` by the content of all that makes them.
 

@@ -96,6 +96,7 @@ class Setup:
   tx: optax.GradientTransformation
   state_sh: TrainState
   steps: Steps | None = None    # the run's programs (compile_steps), built once
+  target_train: np.ndarray | None = None  # what training batches calibrate to, [n, K] (demos.calibration_targets)
 
 
 @dataclasses.dataclass
@@ -176,6 +177,7 @@ def score_demonstrations(s: Setup) -> Setup:
   """R(x, y_d) of the training and validation demonstrations, from the cache when present."""
   s.demo_train, s.demo_val = demos.rewards_for(
       (s.train, s.val), s.steps.programs, s.parts, s.frozen, s.rewards, s.tokenizer, s.config)
+  s.target_train = demos.calibration_targets(s.demo_train, s.config.rl.rcfd_target)
   return s
 
 
@@ -292,7 +294,7 @@ def run(config, workdir: str) -> TrainState:
       for step in range(start, config.total_steps):
         # Rollout, reward, update: one compiled call unless a reward needs the host.
         indices = s.batcher.indices(step)
-        batch = device_batch(s, s.batcher, indices, s.demo_train)
+        batch = device_batch(s, s.batcher, indices, s.target_train)
         if steps.fused is not None:
           state, m = steps.fused(state, s.frozen, batch)
         else:
