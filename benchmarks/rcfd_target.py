@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rcfd_jax import reproduce  # noqa: E402
+from rcfd_jax.reproduce import run as reproduce  # noqa: E402
 
 RUNS = [("loglik", s) for s in range(3)] + [("sentiment", s) for s in range(3)] + [
     ("loglik_voiced", 0), ("sentiment_voiced", 0)]

@@ -72,7 +72,7 @@ def base() -> ml_collections.ConfigDict:
   c.rl.algorithm = "reinforce"      # reinforce | ppo
   c.rl.baseline = "whiten"          # advantage: whiten (paper) | loo | none | gae (value head, GAE)
   c.rl.rcfd_target = "demo"         # what rcfd/rcfd_group calibrate to: demo (each prompt's R(x, y_d), paper)
-                                    # | mean (the training demonstrations' mean R_d; rcfd_jax.demos.calibration_targets)
+                                    # | mean (the training demonstrations' mean R_d; demos.calibration_targets)
   c.rl.beta = 0.0                   # KL coefficient for objective=kl (initial value when adaptive)
   c.rl.kl_estimator = "k1"          # k1 | k2 | k3, per token, summed over the sequence
   c.rl.adaptive_kl = False          # adapt beta towards kl_target
@@ -178,7 +178,8 @@ def check(c: ml_collections.ConfigDict) -> None:
     need(c.rl.baseline in ("whiten", "none"),
          f"config.rl.objective=rcfd_group is its own leave-one-out advantage: set config.rl.baseline "
          f"to whiten or none (it is {c.rl.baseline})")
-  need(c.rl.rcfd_target in CALIBRATION_TARGETS, f"config.rl.rcfd_target={c.rl.rcfd_target!r}; use one of {CALIBRATION_TARGETS}")
+  need(c.rl.rcfd_target in CALIBRATION_TARGETS,
+       f"config.rl.rcfd_target={c.rl.rcfd_target!r}; use one of {CALIBRATION_TARGETS}")
   need(c.rl.rcfd_target == "demo" or c.rl.objective in ("rcfd", "rcfd_group"),
        f"config.rl.rcfd_target={c.rl.rcfd_target!r} sets what rcfd and rcfd_group calibrate to; "
        f"objective {c.rl.objective!r} reads no target: leave it at 'demo'")
