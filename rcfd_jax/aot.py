@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 # The TPU is only compiled for: no backend of its own, and libtpu may be loaded by other
@@ -40,7 +39,7 @@ os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from rcfd_jax import cli, config as config_lib, flops as flops_lib, hlo_cost, memory, models, programs  # noqa: E402
+from rcfd_jax import cli, config as config_lib, files, flops as flops_lib, hlo_cost, memory, models, programs  # noqa: E402
 from rcfd_jax import sharding, targets, train  # noqa: E402
 from rcfd_jax.errors import UserError, exit_on_user_error  # noqa: E402
 from rcfd_jax.models import hf  # noqa: E402
@@ -135,11 +134,12 @@ def write_json(path: str, result: dict) -> None:
   """Atomic: the file is complete or absent."""
   out = Path(path).expanduser()
   out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-  with os.fdopen(fd, "w") as f:
+
+  def write(f):
     json.dump(result, f, indent=2)
     f.write("\n")
-  os.replace(tmp, out)
+
+  files.write_atomically(out, write)
 
 
 def main(argv):

@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 from absl import logging
 
-from rcfd_jax import data, distributed, fingerprint, programs, sharding, words
+from rcfd_jax import data, distributed, files, fingerprint, programs, sharding, words
 from rcfd_jax.models import hf
 
 
@@ -109,9 +108,6 @@ def _write(f: Path, values: np.ndarray) -> None:
   """Atomic: a crash mid-write leaves the old cache (or none), never half a file."""
   try:
     f.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=f.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as fh:
-      np.save(fh, values, allow_pickle=False)
-    os.replace(tmp, f)
+    files.write_atomically(f, lambda fh: np.save(fh, values, allow_pickle=False), binary=True)
   except OSError as e:
     logging.warning("could not cache demonstration rewards in %s: %s", f.parent, e)

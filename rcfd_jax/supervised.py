@@ -40,7 +40,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from rcfd_jax import metrics, models, sharding
+from rcfd_jax import files, metrics, models, sharding
 from rcfd_jax.errors import UserError
 
 STAGES = ("sft", "classifier")
@@ -383,11 +383,7 @@ def run(config, workdir: str) -> dict[str, float]:
     raise UserError(f"config.stage={config.stage!r}; use one of {STAGES}")
   if not config.model.path:
     raise UserError("config.model.path is empty; set it to the HF model directory to start from")
-  wd = Path(workdir).expanduser()
-  try:
-    wd.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"workdir {wd} cannot be created ({e.strerror}); pick another --workdir") from None
+  wd = files.prepare_workdir(workdir)
   texts, labels = texts_and_labels(read_jsonl(config.data.path), config)  # data errors before any loading
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   tokenizer = load_tokenizer(config.model.path)

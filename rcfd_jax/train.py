@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from flax import nnx
 from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, metrics, models,
                       policy as policy_lib, prepare, programs, rewards as rewards_lib, sharding, validate)
 from rcfd_jax.errors import UserError
+from rcfd_jax.files import check_workdir, prepare_workdir
 from rcfd_jax.models import hf
 from rcfd_jax.step import Batch, Frozen, StepConfig, TrainState
 
@@ -48,33 +48,6 @@ def load_tokenizer(path: str):
     tok.pad_token = tok.eos_token  # generation pads after EOS; masks make the id irrelevant
   tok.padding_side = "left"
   return tok
-
-
-def prepare_workdir(workdir: str) -> Path:
-  """Creates the workdir or explains why it cannot be written."""
-  wd = Path(workdir).expanduser()
-  try:
-    wd.mkdir(parents=True, exist_ok=True)
-    probe = wd / f".write_probe_{jax.process_index()}"
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
-    raise UserError(f"workdir {wd} is not writable ({e.strerror}); pick another --workdir") from None
-  return wd
-
-
-def check_workdir(workdir: str) -> None:
-  """Fails before anything is loaded or written when workdir cannot become a writable directory.
-
-  Creating it waits until the inputs have loaded, so a bad config or dataset
-  leaves no new directory behind.
-  """
-  wd = Path(workdir).expanduser().absolute()
-  existing = next(p for p in (wd, *wd.parents) if p.exists())
-  if not existing.is_dir():
-    raise UserError(f"workdir {wd} is not writable ({existing} is not a directory); pick another --workdir")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise UserError(f"workdir {wd} is not writable (no write permission on {existing}); pick another --workdir")
 
 
 @dataclasses.dataclass
