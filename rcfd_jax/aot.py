@@ -40,7 +40,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from rcfd_jax import cli, config as config_lib, files, flops as flops_lib, hlo_cost, memory, models, programs  # noqa: E402
-from rcfd_jax import sharding, targets, train  # noqa: E402
+from rcfd_jax import policy, rewards, sharding, targets, train  # noqa: E402
 from rcfd_jax.errors import UserError, exit_on_user_error  # noqa: E402
 from rcfd_jax.models import hf  # noqa: E402
 
@@ -65,11 +65,11 @@ def _tokenizer(model_dir: str):
   names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
   if not any((Path(model_dir) / n).exists() for n in names):
     return None
-  return train.load_tokenizer(model_dir)
+  return policy.load_tokenizer(model_dir)
 
 
 def _rm_tokenizer(model_dir):
-  return None if _tokenizer(str(model_dir)) is None else train.rewards_lib.load_rm_tokenizer(model_dir)
+  return None if _tokenizer(str(model_dir)) is None else rewards.load_rm_tokenizer(model_dir)
 
 
 def _token_ids(tokenizer, policy_dir: str) -> tuple[int, int]:
@@ -96,7 +96,7 @@ def compile_config(config, topology: str) -> dict:
   mesh = sharding.make_mesh(tuple(config.mesh.shape), target.devices[:config.mesh.devices or len(target.devices)])
   tokenizer = _tokenizer(config.policy.path)
   eos, pad = _token_ids(tokenizer, config.policy.path)
-  t = train.make_trainer(config, mesh, tokenizer, eos, pad, load=models.load_abstract, load_tokenizer=_rm_tokenizer)
+  t = train.make_trainer(config, mesh, tokenizer, eos, pad, load=models.load_abstract, load_rm_tokenizer=_rm_tokenizer)
   progs = programs.build(t.parts, t.frozen, t.rewards, t.sc, t.tx, t.state, config)
   compiled, peaks = programs.compile_checked(progs, programs.resident_bytes(t.state, t.frozen, t.rewards), limit,
                                              target.where, programs.advice(config))

@@ -7,14 +7,16 @@ command line because configs are locked.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
 from rcfd_jax import data
-from rcfd_jax.errors import UserError
+from rcfd_jax.errors import need
 
 OBJECTIVES = ("max", "kl", "weighted", "rcfd", "rcfd_group")
 ALGORITHMS = ("reinforce", "ppo")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype -> the policy's dtype
 
 
 def base() -> ml_collections.ConfigDict:
@@ -147,17 +149,13 @@ def paper_setup(c: ml_collections.ConfigDict, policy_path: str) -> ml_collection
 
 def check(c: ml_collections.ConfigDict) -> None:
   """Rejects inconsistent configs before anything is loaded or written."""
-  def need(cond, msg):
-    if not cond:
-      raise UserError(msg)
-
   need(c.rl.objective in OBJECTIVES, f"config.rl.objective={c.rl.objective!r}; use one of {OBJECTIVES}")
   need(c.rl.algorithm in ALGORITHMS, f"config.rl.algorithm={c.rl.algorithm!r}; use one of {ALGORITHMS}")
   need(c.rl.baseline in ("whiten", "loo", "none", "gae"),
        f"config.rl.baseline={c.rl.baseline!r}; use whiten|loo|none|gae")
   need(c.rl.kl_estimator in ("k1", "k2", "k3"), f"config.rl.kl_estimator={c.rl.kl_estimator!r}; use k1|k2|k3")
   need(c.rl.loss_agg in ("token_mean", "seq_mean"), f"config.rl.loss_agg={c.rl.loss_agg!r}")
-  need(c.model.dtype in ("float32", "bfloat16"), f"config.model.dtype={c.model.dtype!r}; use float32|bfloat16")
+  need(c.model.dtype in DTYPES, f"config.model.dtype={c.model.dtype!r}; use {'|'.join(DTYPES)}")
   need(c.policy.path != "", "config.policy.path is empty; set it to a HF model directory or hub id")
   need(c.total_steps > 0, "config.total_steps must be positive")
   need(c.rollout.max_new_tokens > 0, "config.rollout.max_new_tokens must be positive")

@@ -20,34 +20,13 @@ import optax
 from absl import logging
 from flax import nnx
 
-from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, metrics, models,
+from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, metrics, models, optim,
                       policy as policy_lib, prepare, programs, rewards as rewards_lib, sharding, validate)
-from rcfd_jax.errors import UserError
+from rcfd_jax.errors import UserError, need
 from rcfd_jax.files import check_workdir, prepare_workdir
 from rcfd_jax.models import hf
+from rcfd_jax.policy import load_tokenizer
 from rcfd_jax.step import Batch, Frozen, StepConfig, TrainState
-
-
-def optimizer(c) -> optax.GradientTransformation:
-  """Adam(W) with optional global-norm clipping (paper: Adam, lr 5e-5)."""
-  parts = [optax.clip_by_global_norm(c.max_grad_norm)] if c.max_grad_norm > 0 else []
-  parts.append(optax.adamw(c.learning_rate, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
-  return optax.chain(*parts)
-
-
-def load_tokenizer(path: str):
-  from transformers import AutoTokenizer
-  model_dir = hf.resolve_dir(path)
-  try:
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-  except Exception as e:
-    raise UserError(f"cannot load a tokenizer from {model_dir}: {e}") from None
-  if tok.eos_token_id is None:
-    raise UserError(f"the tokenizer in {model_dir} has no eos token; set eos_token in its tokenizer_config.json")
-  if tok.pad_token_id is None:
-    tok.pad_token = tok.eos_token  # generation pads after EOS; masks make the id irrelevant
-  tok.padding_side = "left"
-  return tok
 
 
 @dataclasses.dataclass
@@ -82,12 +61,8 @@ class Trainer:
   state_sh: TrainState
 
 
-def dtype_of(config):
-  return jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-
-
 def make_trainer(config, mesh, tokenizer, eos_id: int, pad_id: int, load=models.load_pretrained,
-                 load_tokenizer=rewards_lib.load_rm_tokenizer) -> Trainer:
+                 load_rm_tokenizer=rewards_lib.load_rm_tokenizer) -> Trainer:
   """Policy (+ LoRA, value head), reward sources, step config, optimizer and initial state on `mesh`.
 
   `load` is models.load_pretrained for training; rcfd_jax.aot passes
@@ -95,16 +70,17 @@ def make_trainer(config, mesh, tokenizer, eos_id: int, pad_id: int, load=models.
   holding only config.json), so everything below is the same code with
   abstract values.
   """
-  lm = load(config.policy.path, task="causal_lm", dtype=dtype_of(config), mesh=mesh)
-  need = config.data.max_prompt_tokens + config.rollout.max_new_tokens
-  if need > lm.config.max_positions:
-    raise UserError(f"config.data.max_prompt_tokens {config.data.max_prompt_tokens} + max_new_tokens "
-                    f"{config.rollout.max_new_tokens} = {need} exceeds the policy's context "
-                    f"{lm.config.max_positions}; lower config.data.max_prompt_tokens or config.rollout.max_new_tokens")
-  rewards = rewards_lib.build(config.reward, tokenizer, mesh, load, load_tokenizer)
+  lm = load(config.policy.path, task="causal_lm", dtype=config_lib.DTYPES[config.model.dtype], mesh=mesh)
+  positions = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+  need(positions <= lm.config.max_positions,
+       f"config.data.max_prompt_tokens {config.data.max_prompt_tokens} + max_new_tokens "
+       f"{config.rollout.max_new_tokens} = {positions} exceeds the policy's context "
+       f"{lm.config.max_positions}; lower config.data.max_prompt_tokens or config.rollout.max_new_tokens")
+  rewards = rewards_lib.build(config.reward, tokenizer, mesh, load, load_rm_tokenizer)
   parts, ref = policy_lib.build(lm, config, value_head=config.rl.baseline == "gae", mesh=mesh)
   rm_state = rewards.classifier.state if rewards.classifier is not None and rewards.classifier.in_graph else None
-  tx = optimizer(config.optim)
+  c = config.optim
+  tx = optim.adamw(c.learning_rate, c.max_grad_norm, c.weight_decay, b1=c.b1, b2=c.b2)  # paper: Adam, lr 5e-5
   state, state_sh = init_state(config, parts.trainable, tx, mesh)
   return Trainer(parts, Frozen(parts.frozen, ref, rm_state), rewards,
                  StepConfig.from_config(config, eos_id, pad_id), tx, state, state_sh)
@@ -161,9 +137,7 @@ def build(config, workdir: Path) -> tuple[Setup, TrainState]:
 def init_state(config, params: nnx.State, tx, mesh) -> tuple[TrainState, TrainState]:
   """The initial TrainState, born with explicit shardings (returned too, for jit)."""
   rep = sharding.replicated(mesh)
-  param_sh = sharding.state_shardings(params, mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), param_sh,
-                                 transform_non_params=lambda _: rep)
+  param_sh, opt_sh = optim.shardings(tx, params, mesh)
   state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep, beta=rep, bad_steps=rep,
                         skipped_total=rep)
 
@@ -211,11 +185,7 @@ def device_batch(s: Setup, batcher: data.Batcher, indices: np.ndarray, demo: np.
   n = len(indices)
   sh = sharding.rows_sharding(s.mesh, (n,))
   host = batcher.gather(np.asarray(indices)[distributed.process_rows(sh, n)])
-
-  def put(x):
-    x = np.asarray(x)
-    shape = (n,) + x.shape[1:]
-    return jax.make_array_from_process_local_data(sharding.rows_sharding(s.mesh, shape), x, shape)
+  put = lambda x: sharding.put_rows(x, n, s.mesh)
   return Batch(put(host.prompt_ids), put(host.prompt_mask.astype(bool)), put(demo[host.indices]))
 
 
