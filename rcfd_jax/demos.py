@@ -74,7 +74,8 @@ def cache_key(ds, rewards, tokenizer, config) -> str:
       classifier=None if clf is None else [
           fingerprint.model_dir(clf.model_dir, memo), clf.tokenizer_fp, clf.label_index,
           clf.max_tokens, clf.input, clf.in_graph],
-      function=None if rewards.function is None else fingerprint.code(rewards.function),
+      # A function's module source does not show the lexicons it imports from words.py.
+      function=None if rewards.function is None else [fingerprint.code(rewards.function), words.lexicons()],
       lexicons={name: words.lexicons()[name.partition(":")[2]] for name in rewards.automata})
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -34,6 +34,7 @@ from flax import nnx
 from rcfd_jax import fingerprint, models, words
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import hf
+from rcfd_jax.words import NEGATIVE_WORDS, POSITIVE_WORDS
 
 KINDS = ("loglik", "length", "classifier", "function", "words")
 
@@ -49,14 +50,6 @@ def register(name: str):
     return fn
 
   return deco
-
-
-POSITIVE_WORDS = frozenset(
-    "good great excellent wonderful amazing brilliant superb delightful moving beautiful "
-    "fantastic lovely charming perfect masterful enjoyable touching memorable best love loved".split())
-NEGATIVE_WORDS = frozenset(
-    "bad terrible awful boring dull poor weak horrible dreadful mediocre painful tedious "
-    "forgettable worst hate hated mess clumsy bland".split())
 
 
 @register("sentiment_words")

@@ -20,13 +20,13 @@ import optax
 from absl import logging
 from flax import nnx
 
-from rcfd_jax import (checkpoint, config as config_lib, data, demos, distributed, metrics, models, optim,
+from rcfd_jax import (bridge, checkpoint, config as config_lib, data, demos, distributed, metrics, models, optim,
                       policy as policy_lib, prepare, programs, rewards as rewards_lib, sharding, validate)
 from rcfd_jax.errors import UserError, need
 from rcfd_jax.files import check_workdir, prepare_workdir
 from rcfd_jax.models import hf
 from rcfd_jax.policy import load_tokenizer
-from rcfd_jax.step import Batch, Frozen, StepConfig, TrainState
+from rcfd_jax.step import Frozen, StepConfig, TrainState
 
 
 @dataclasses.dataclass
@@ -175,34 +175,6 @@ def compile_steps(s: Setup, state: TrainState | None = None) -> Steps:
   return Steps(fn("iteration"), fn("rollout"), fn("update"), fn("eval_rollout"), progs, rm)
 
 
-def device_batch(s: Setup, batcher: data.Batcher, indices: np.ndarray, demo: np.ndarray) -> Batch:
-  """The global batch of examples `indices` on the mesh; each process reads only its own rows.
-
-  The rows a process feeds are those its devices hold under the batch
-  sharding (distributed.process_rows), so the global array's row order is
-  `indices` order on any number of processes.
-  """
-  n = len(indices)
-  sh = sharding.rows_sharding(s.mesh, (n,))
-  host = batcher.gather(np.asarray(indices)[distributed.process_rows(sh, n)])
-  put = lambda x: sharding.put_rows(x, n, s.mesh)
-  return Batch(put(host.prompt_ids), put(host.prompt_mask.astype(bool)), put(demo[host.indices]))
-
-
-def host_rewards(s: Setup, ro, indices: np.ndarray, rm=None) -> dict:
-  """The bridge: decode the rollout's completions, score them with host-side rewards (rm: Steps.rm)."""
-  return score_on_host(s, s.train, indices, distributed.to_host(ro.tokens), distributed.to_host(ro.mask), rm)
-
-
-def score_on_host(s: Setup, ds: data.PromptDataset, indices, tokens: np.ndarray, mask: np.ndarray,
-                  rm=None) -> dict:
-  """Host-side rewards of completions; rows are the prompts at `indices`, each repeated per sample."""
-  completions = s.tokenizer.batch_decode(np.where(mask, tokens, s.tokenizer.pad_token_id),
-                                         skip_special_tokens=True)
-  idx = np.repeat(np.asarray(indices), len(tokens) // len(indices))  # k samples per prompt, in order
-  return s.rewards.on_host([ds.prompt_texts[i] for i in idx], completions, [ds.extras[i] for i in idx], rm)
-
-
 def run(config, workdir: str) -> TrainState:
   """Trains per config, resuming from workdir's latest good checkpoint."""
   distributed.initialize(config.distributed)
@@ -234,13 +206,13 @@ def run(config, workdir: str) -> TrainState:
       for step in range(start, config.total_steps):
         # Rollout, reward, update: one compiled call unless a reward needs the host.
         indices = s.batcher.indices(step)
-        batch = device_batch(s, s.batcher, indices, s.demo_train)
+        batch = bridge.device_batch(s, s.batcher, indices, s.demo_train)
         if steps.fused is not None:
           state, m = steps.fused(state, s.frozen, batch)
         else:
           ro = steps.rollout(state, s.frozen, batch)
-          with rewards_lib.Timer() as bridge:
-            hr = host_rewards(s, ro, indices, steps.rm)
+          with rewards_lib.Timer() as bridge_time:
+            hr = bridge.host_rewards(s, ro, indices, steps.rm)
             hr = {k: sharding.put_global(v, sharding.rows_sharding(s.mesh, v.shape)) for k, v in hr.items()}
           state, m = steps.update(state, s.frozen, ro, hr)
         done = step + 1
@@ -251,7 +223,7 @@ def run(config, workdir: str) -> TrainState:
           m["tokens_per_second"] = m["generated_tokens"] * config.log_every_steps / max(now - t_last, 1e-9)
           t_last = now
           if steps.fused is None:
-            m["bridge_seconds"] = bridge.seconds
+            m["bridge_seconds"] = bridge_time.seconds
           writer.write(done, m)
           if int(jax.device_get(state.bad_steps)) >= config.rl.max_bad_steps:
             raise UserError(f"{config.rl.max_bad_steps} updates in a row had non-finite rewards, losses or "

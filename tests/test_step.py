@@ -23,7 +23,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rcfd_jax import checkpoint, metrics, models, rewards, rl, train
+from rcfd_jax import bridge, checkpoint, metrics, models, rewards, rl, train
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import layers as L
 from rcfd_jax import step as step_lib
@@ -84,7 +84,7 @@ def train_steps(s, step_fn, state, n, demo=None, beta=None):
   demo = s.demo_train if demo is None else demo
   out = []
   for i in range(n):
-    batch = train.device_batch(s, s.batcher, s.batcher.indices(i), demo)
+    batch = bridge.device_batch(s, s.batcher, s.batcher.indices(i), demo)
     state, m = step_fn(state, s.frozen, batch)
     out.append({k: float(v) for k, v in jax.device_get(m).items()})
   return state, out
@@ -314,7 +314,7 @@ def test_grad_accum_gives_the_whole_batch_update(reinforce, loss_agg):
   s, state = reinforce
   sgd = optax.sgd(1.0)  # the parameter change is the gradient itself (Adam's first step is only its sign)
   state = state.replace(params=jax.tree.map(jnp.copy, state.params), opt_state=sgd.init(state.params))
-  batch = train.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  batch = bridge.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
   ro = jax.jit(make_rollout(s.parts, s.rewards, s.sc))(state, s.frozen, batch)
   r, n = ro.tokens.shape
   lengths = np.where(np.arange(r) < r // 2, 2, n)  # first micro-batch: 2 tokens per row; second: n
@@ -351,7 +351,7 @@ def test_bfloat16_lora_with_accumulation_trains(tiny_assets, cache):
 def test_reference_forward_runs_only_on_logged_steps_unless_the_update_reads_it(reinforce):
   """Reward `length` and objective max: pi_0's log-probs feed only the kl metric."""
   s, state = reinforce
-  batch = train.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  batch = bridge.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
   sc = dataclasses.replace(s.sc, objective="max", metrics_every=3, total_steps=5)
   logged_only = jax.jit(make_rollout(s.parts, s.rewards, sc))
   every_step = jax.jit(make_rollout(s.parts, s.rewards, dataclasses.replace(sc, metrics_every=1)))
