@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from rcfd_jax import data
+from rcfd_jax import data, step
 from rcfd_jax.errors import need
 
-OBJECTIVES = ("max", "kl", "weighted", "rcfd", "rcfd_group")
+OBJECTIVES = tuple(step.OBJECTIVES)  # rl.objective: the objectives the step knows by name
+BASELINES = tuple(step.BASELINES)    # rl.baseline: the advantage baselines the step knows by name
 ALGORITHMS = ("reinforce", "ppo")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype -> the policy's dtype
 
@@ -52,7 +53,8 @@ def base() -> ml_collections.ConfigDict:
                                     # chunk's KV cache and scoring activations are alive at a time
 
   c.reward = ml_collections.ConfigDict()
-  c.reward.sources = ("loglik",)    # reward vector: loglik | length | classifier | function (first = primary)
+  c.reward.sources = ("loglik",)    # reward vector: loglik | length | classifier | function | words:LEXICON
+                                    # (rcfd_jax.rewards; the first is the primary, logged as reward_mean)
   c.reward.cache_dir = "~/.cache/rcfd_jax/demo_rewards"  # demonstration rewards, keyed by the content of models, code, data
   c.reward.demo_batch_size = 32     # batch for scoring demonstrations once per dataset
   c.reward.classifier = ml_collections.ConfigDict()
@@ -151,8 +153,7 @@ def check(c: ml_collections.ConfigDict) -> None:
   """Rejects inconsistent configs before anything is loaded or written."""
   need(c.rl.objective in OBJECTIVES, f"config.rl.objective={c.rl.objective!r}; use one of {OBJECTIVES}")
   need(c.rl.algorithm in ALGORITHMS, f"config.rl.algorithm={c.rl.algorithm!r}; use one of {ALGORITHMS}")
-  need(c.rl.baseline in ("whiten", "loo", "none", "gae"),
-       f"config.rl.baseline={c.rl.baseline!r}; use whiten|loo|none|gae")
+  need(c.rl.baseline in BASELINES, f"config.rl.baseline={c.rl.baseline!r}; use {'|'.join(BASELINES)}")
   need(c.rl.kl_estimator in ("k1", "k2", "k3"), f"config.rl.kl_estimator={c.rl.kl_estimator!r}; use k1|k2|k3")
   need(c.rl.loss_agg in ("token_mean", "seq_mean"), f"config.rl.loss_agg={c.rl.loss_agg!r}")
   need(c.model.dtype in DTYPES, f"config.model.dtype={c.model.dtype!r}; use {'|'.join(DTYPES)}")

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import shutil
+import typing
 from pathlib import Path
 
 import jax
@@ -23,7 +24,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rcfd_jax import bridge, checkpoint, metrics, models, rewards, rl, train
+from rcfd_jax import bridge, checkpoint, config as config_lib, metrics, models, rewards, rl, train
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import layers as L
 from rcfd_jax import step as step_lib
@@ -54,6 +55,28 @@ def tiny_config(assets, cache_dir, **overrides):
 
 
 PPO = {"rl.algorithm": "ppo", "rl.baseline": "gae", "rl.ppo.epochs": 2, "rl.ppo.minibatches": 2}
+
+
+def test_objectives_and_baselines_are_named_once():
+  """config.check accepts exactly the objectives and baselines the step looks up by name."""
+  assert config_lib.OBJECTIVES == tuple(step_lib.OBJECTIVES) == typing.get_args(step_lib.Objective)
+  assert config_lib.BASELINES == tuple(step_lib.BASELINES) == typing.get_args(step_lib.Baseline)
+
+
+def test_step_config_reads_each_field_from_its_config_entry():
+  c = config_lib.base()
+  c.rollout.samples_per_prompt, c.rollout.max_new_tokens, c.rollout.top_k = 3, 11, 5
+  c.rl.ppo.epochs, c.rl.ppo.minibatches, c.optim.grad_accum = 2, 6, 4
+  c.rl.ppo.value_clip, c.rl.clip_eps, c.rl.alpha = 0.25, 0.35, (1.0, 0.5)
+  c.log_every_steps, c.total_steps = 7, 9
+  want = dict(
+      samples_per_prompt=3, max_new_tokens=11, temperature=c.rollout.temperature, top_k=5,
+      top_p=c.rollout.top_p, eos_id=2, pad_id=0, objective=c.rl.objective, algorithm=c.rl.algorithm,
+      baseline=c.rl.baseline, kl_estimator=c.rl.kl_estimator, adaptive_kl=c.rl.adaptive_kl,
+      kl_target=c.rl.kl_target, kl_horizon=c.rl.kl_horizon, alpha=(1.0, 0.5), ppo_epochs=2, minibatches=6,
+      grad_accum=4, clip_eps=0.35, value_clip=0.25, vf_coef=c.rl.ppo.vf_coef, gamma=c.rl.ppo.gamma,
+      lam=c.rl.ppo.lam, loss_agg=c.rl.loss_agg, metrics_every=7, total_steps=9)
+  assert dataclasses.asdict(step_lib.StepConfig.from_config(c, eos_id=2, pad_id=0)) == want
 
 
 @pytest.fixture(scope="module")
