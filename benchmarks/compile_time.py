@@ -37,7 +37,7 @@ def main(argv):
   import jax
 
   from benchmarks import rl_ours
-  from rcfd_jax import train
+  from rcfd_jax import bridge
 
   s, state, steps, batch = rl_ours.fused_setup(_WIDTH.value, _LAYERS.value,
                                                "ppo" if _PPO.value else "reinforce")
@@ -49,7 +49,7 @@ def main(argv):
   ca = common.cost_analysis(compiled)
   ts = []
   for i in range(_ITERS.value + 1):  # the first run warms allocators and is not counted
-    b = train.device_batch(s, s.batcher, s.batcher.indices(i), s.demo_train)
+    b = bridge.device_batch(s, s.batcher, s.batcher.indices(i), s.demo_train)
     t = time.perf_counter()
     state, m = compiled(state, s.frozen, b)
     jax.block_until_ready(m)

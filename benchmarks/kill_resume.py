@@ -38,7 +38,7 @@ POINTS = {
                      "scoring the demonstrations (first run, cache empty)"),
     "compile": ("patch(train, 'compile_steps', before=lambda *a, **k: die_in(0.5))",
                 "while XLA compiles the step"),
-    "mid_step": ("patch(train, 'device_batch', before=lambda *a, **k: step_is(3) and die_in(0.05))",
+    "mid_step": ("patch(bridge, 'device_batch', before=lambda *a, **k: step_is(3) and die_in(0.05))",
                  "inside step 3's rollout/update"),
     "mid_metrics_line": ("half_line_at(4)", "writing step 4's metrics line (half a line on disk)"),
     "mid_async_save": ("patch(checkpoint.Checkpointer, 'save', after=lambda s, step, *a: step == 4 and die())",
@@ -57,7 +57,7 @@ POINTS = {
 _CHILD = textwrap.dedent("""
     import os, signal, sys, threading, time
     from absl import app
-    from rcfd_jax import checkpoint, demos, evaluation, main, metrics, train
+    from rcfd_jax import bridge, checkpoint, demos, evaluation, main, metrics, train
     STEP = {"n": 0}
     def die():
       os.kill(os.getpid(), signal.SIGKILL)

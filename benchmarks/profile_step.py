@@ -30,7 +30,7 @@ def main(argv):
   import jax
 
   from benchmarks import rl_ours
-  from rcfd_jax import sampler, train
+  from rcfd_jax import bridge, sampler
   from rcfd_jax.step import make_rollout
 
   s, state, steps, batch = rl_ours.fused_setup(_WIDTH.value, _LAYERS.value)
@@ -57,7 +57,7 @@ def main(argv):
   ca = common.cost_analysis(steps.fused.lower(state, s.frozen, batch).compile())
   ts = []
   for i in range(7):
-    b = train.device_batch(s, s.batcher, s.batcher.indices(i), s.demo_train)
+    b = bridge.device_batch(s, s.batcher, s.batcher.indices(i), s.demo_train)
     t = time.perf_counter()
     state, m = steps.fused(state, s.frozen, b)
     jax.block_until_ready(m)

@@ -71,7 +71,7 @@ def fused_setup(width: int, layers: int, algorithm: str = "reinforce"):
   with the words reward, or with algorithm="ppo" rl_step.py's PPO worker
   (GAE with a value head, the GPT-2 reward model in the graph).
   """
-  from rcfd_jax import train
+  from rcfd_jax import bridge, train
   assets = common.build_assets(Path("/tmp/rcfd_bench") / f"w{width}l{layers}", width=width, layers=layers)
   extra = ["--algorithm=ppo", "--reward=classifier"] if algorithm == "ppo" else []
   flags.FLAGS(["x", f"--assets={assets}", *extra])
@@ -79,14 +79,14 @@ def fused_setup(width: int, layers: int, algorithm: str = "reinforce"):
   s, state = train.build(make_config(assets, wd), wd)
   s.sc = dataclasses.replace(s.sc, eos_id=-1)
   steps = train.compile_steps(s)
-  batch = train.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  batch = bridge.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
   return s, state, steps, batch
 
 
 def main(argv):
   del argv
   import jax
-  from rcfd_jax import config as config_lib, train
+  from rcfd_jax import bridge, config as config_lib, train
   from rcfd_jax.errors import UserError
 
   t0 = time.perf_counter()
@@ -107,12 +107,12 @@ def main(argv):
     nonlocal state
     i = it[0]
     it[0] += 1
-    batch = train.device_batch(s, s.batcher, s.batcher.indices(i), s.demo_train)
+    batch = bridge.device_batch(s, s.batcher, s.batcher.indices(i), s.demo_train)
     if steps.fused is not None:
       state, m = steps.fused(state, s.frozen, batch)
     else:
       ro = steps.rollout(state, s.frozen, batch)
-      hr = train.host_rewards(s, ro, s.batcher.indices(i))
+      hr = bridge.host_rewards(s, ro, s.batcher.indices(i))
       state, m = steps.update(state, s.frozen, ro, hr)
     return float(jax.device_get(m["generated_tokens"]))
 

@@ -57,9 +57,9 @@ def ours(name: str, assets: Path, shape: dict, **kw) -> common.Worker:
 def trl(name: str, assets: Path, shape: dict, trainer: str, **kw) -> common.Worker:
   words = assets / "words.json"
   if not words.exists():
-    from rcfd_jax import rewards
-    words.write_text(json.dumps({"positive": sorted(rewards.POSITIVE_WORDS),
-                                 "negative": sorted(rewards.NEGATIVE_WORDS)}))
+    from rcfd_jax import words as words_lib
+    words.write_text(json.dumps({"positive": sorted(words_lib.POSITIVE_WORDS),
+                                 "negative": sorted(words_lib.NEGATIVE_WORDS)}))
   args = [f"--{k}={v}" for k, v in {**shape, **kw}.items()]
   env = {"PYTHONPATH": _TRL_PPO.value} if trainer == "ppo" else {}
   env["TOKENIZERS_PARALLELISM"] = "false"

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 # The TPU is only compiled for: no backend of its own, and libtpu may be loaded by other
@@ -40,8 +39,8 @@ os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from rcfd_jax import cli, config as config_lib, flops as flops_lib, hlo_cost, memory, models, programs  # noqa: E402
-from rcfd_jax import sharding, targets, train  # noqa: E402
+from rcfd_jax import cli, config as config_lib, files, flops as flops_lib, hlo_cost, memory, models, programs  # noqa: E402
+from rcfd_jax import policy, rewards, sharding, targets, train  # noqa: E402
 from rcfd_jax.errors import UserError, exit_on_user_error  # noqa: E402
 from rcfd_jax.models import hf  # noqa: E402
 
@@ -66,11 +65,11 @@ def _tokenizer(model_dir: str):
   names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
   if not any((Path(model_dir) / n).exists() for n in names):
     return None
-  return train.load_tokenizer(model_dir)
+  return policy.load_tokenizer(model_dir)
 
 
 def _rm_tokenizer(model_dir):
-  return None if _tokenizer(str(model_dir)) is None else train.rewards_lib.load_rm_tokenizer(model_dir)
+  return None if _tokenizer(str(model_dir)) is None else rewards.load_rm_tokenizer(model_dir)
 
 
 def _token_ids(tokenizer, policy_dir: str) -> tuple[int, int]:
@@ -97,7 +96,7 @@ def compile_config(config, topology: str) -> dict:
   mesh = sharding.make_mesh(tuple(config.mesh.shape), target.devices[:config.mesh.devices or len(target.devices)])
   tokenizer = _tokenizer(config.policy.path)
   eos, pad = _token_ids(tokenizer, config.policy.path)
-  t = train.make_trainer(config, mesh, tokenizer, eos, pad, load=models.load_abstract, load_tokenizer=_rm_tokenizer)
+  t = train.make_trainer(config, mesh, tokenizer, eos, pad, load=models.load_abstract, load_rm_tokenizer=_rm_tokenizer)
   progs = programs.build(t.parts, t.frozen, t.rewards, t.sc, t.tx, t.state, config)
   compiled, peaks = programs.compile_checked(progs, programs.resident_bytes(t.state, t.frozen, t.rewards), limit,
                                              target.where, programs.advice(config))
@@ -135,11 +134,12 @@ def write_json(path: str, result: dict) -> None:
   """Atomic: the file is complete or absent."""
   out = Path(path).expanduser()
   out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-  with os.fdopen(fd, "w") as f:
+
+  def write(f):
     json.dump(result, f, indent=2)
     f.write("\n")
-  os.replace(tmp, out)
+
+  files.write_atomically(out, write)
 
 
 def main(argv):

@@ -175,6 +175,21 @@ class Checkpointer:
       UserError: steps exist but none can be restored (for example the config
         changed the model shape); nothing is moved aside in that case.
     """
+    return self._restore_newest(abstract_state, partial=False)
+
+  def restore_params(self, abstract_params: Any) -> tuple[int, Any] | None:
+    """(step, params) of the newest step that restores: the state's `params` field alone.
+
+    For readers of a trained policy (rcfd_jax.export): the optimizer state is
+    neither rebuilt nor read. abstract_params is like the saved params, with
+    ShapeDtypeStruct leaves carrying shardings. Damaged steps fall back as in
+    restore_latest.
+    """
+    restored = self._restore_newest({"params": abstract_params}, partial=True)
+    return None if restored is None else (restored[0], restored[1]["params"])
+
+  def _restore_newest(self, abstract_state: Any, partial: bool) -> tuple[int, Any, dict[str, Any]] | None:
+    """restore_latest; with `partial`, only the fields of the state that abstract_state (a dict) names."""
     self._manager.wait_until_finished()
     self._manager.reload()
     steps = sorted(self._manager.all_steps(), reverse=True)
@@ -184,7 +199,7 @@ class Checkpointer:
     damaged = []
     last_error = None
     for step in steps:
-      restored, error = self._try_restore(step, abstract_data)
+      restored, error = self._try_restore(step, abstract_data, partial)
       if error is not None:
         logging.warning(
             "checkpoint step %d in %s is damaged and cannot be restored (%s); falling back to the previous step",
@@ -200,7 +215,7 @@ class Checkpointer:
         f"(last error: {last_error}); "
         "if the config changed the model or optimizer, use a new --workdir")
 
-  def _try_restore(self, step: int, abstract_data: Any) -> tuple[Any, str | None]:
+  def _try_restore(self, step: int, abstract_data: Any, partial: bool = False) -> tuple[Any, str | None]:
     """(restored, None), or (None, error text) when any process failed.
 
     Each process reads only its own shards, so one may hit a damaged file
@@ -209,14 +224,20 @@ class Checkpointer:
     whole job (seen with two processes: "sync_global_devices name mismatch",
     then the coordination service aborts). So we read through the item
     handlers, which hold no barrier, and then agree on the outcome with
-    one allgather: all processes resume from the same step.
+    one allgather: all processes resume from the same step. With `partial`,
+    only the fields abstract_data names are read (Orbax's partial restore).
     """
     step_dir = epath.Path(self.directory) / str(step)
     restored, error = None, None
-    state_handler = ocp.StandardCheckpointHandler()
+    state_handler = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
+    if partial:
+      args = ocp.args.PyTreeRestore(abstract_data, ocp.checkpoint_utils.construct_restore_args(abstract_data),
+                                    partial_restore=True)
+    else:
+      args = ocp.args.StandardRestore(abstract_data)
     try:
       restored = {
-          "state": state_handler.restore(step_dir / "state", args=ocp.args.StandardRestore(abstract_data)),
+          "state": state_handler.restore(step_dir / "state", args=args),
           "meta": ocp.JsonCheckpointHandler().restore(step_dir / "meta"),
       }
     except _DAMAGE_ERRORS as e:

@@ -11,15 +11,18 @@ import importlib.util
 import types
 from pathlib import Path
 
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from rcfd_jax import prompts
-from rcfd_jax.errors import UserError
+from rcfd_jax import prompts, step
+from rcfd_jax.errors import UserError, need
 
-OBJECTIVES = ("max", "kl", "weighted", "rcfd", "rcfd_group")
+OBJECTIVES = tuple(step.OBJECTIVES)  # rl.objective: the objectives the step knows by name
+BASELINES = tuple(step.BASELINES)    # rl.baseline: the advantage baselines the step knows by name
 CALIBRATION_TARGETS = ("demo", "mean")  # rl.rcfd_target: rcfd_jax.demos.calibration_targets
 ALGORITHMS = ("reinforce", "ppo")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype -> the policy's dtype
 
 
 def base() -> ml_collections.ConfigDict:
@@ -55,7 +58,8 @@ def base() -> ml_collections.ConfigDict:
                                     # chunk's KV cache and scoring activations are alive at a time
 
   c.reward = ml_collections.ConfigDict()
-  c.reward.sources = ("loglik",)    # reward vector: loglik | length | classifier | function (first = primary)
+  c.reward.sources = ("loglik",)    # reward vector: loglik | length | classifier | function | words:LEXICON
+                                    # (rcfd_jax.rewards; the first is the primary, logged as reward_mean)
   c.reward.cache_dir = "~/.cache/rcfd_jax/demo_rewards"  # demonstration rewards, keyed by the content of models, code, data
   c.reward.demo_batch_size = 32     # batch for scoring demonstrations once per dataset
   c.reward.classifier = ml_collections.ConfigDict()
@@ -154,17 +158,12 @@ def paper_setup(c: ml_collections.ConfigDict, policy_path: str) -> ml_collection
 
 def check(c: ml_collections.ConfigDict) -> None:
   """Rejects inconsistent configs before anything is loaded or written."""
-  def need(cond, msg):
-    if not cond:
-      raise UserError(msg)
-
   need(c.rl.objective in OBJECTIVES, f"config.rl.objective={c.rl.objective!r}; use one of {OBJECTIVES}")
   need(c.rl.algorithm in ALGORITHMS, f"config.rl.algorithm={c.rl.algorithm!r}; use one of {ALGORITHMS}")
-  need(c.rl.baseline in ("whiten", "loo", "none", "gae"),
-       f"config.rl.baseline={c.rl.baseline!r}; use whiten|loo|none|gae")
+  need(c.rl.baseline in BASELINES, f"config.rl.baseline={c.rl.baseline!r}; use {'|'.join(BASELINES)}")
   need(c.rl.kl_estimator in ("k1", "k2", "k3"), f"config.rl.kl_estimator={c.rl.kl_estimator!r}; use k1|k2|k3")
   need(c.rl.loss_agg in ("token_mean", "seq_mean"), f"config.rl.loss_agg={c.rl.loss_agg!r}")
-  need(c.model.dtype in ("float32", "bfloat16"), f"config.model.dtype={c.model.dtype!r}; use float32|bfloat16")
+  need(c.model.dtype in DTYPES, f"config.model.dtype={c.model.dtype!r}; use {'|'.join(DTYPES)}")
   need(c.policy.path != "", "config.policy.path is empty; set it to a HF model directory or hub id")
   need(c.total_steps > 0, "config.total_steps must be positive")
   need(c.rollout.max_new_tokens > 0, "config.rollout.max_new_tokens must be positive")

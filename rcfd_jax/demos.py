@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 from absl import logging
 
-from rcfd_jax import batching, distributed, fingerprint, programs, sharding, words
+from rcfd_jax import batching, distributed, files, fingerprint, programs, sharding, words
 from rcfd_jax.models import hf
 
 
@@ -94,7 +93,8 @@ def cache_key(ds, rewards, tokenizer, config) -> str:
       classifier=None if clf is None else [
           fingerprint.model_dir(clf.model_dir, memo), clf.tokenizer_fp, clf.label_index,
           clf.max_tokens, clf.input, clf.in_graph],
-      function=None if rewards.function is None else fingerprint.code(rewards.function),
+      # A function's module source does not show the lexicons it imports from words.py.
+      function=None if rewards.function is None else [fingerprint.code(rewards.function), words.lexicons()],
       lexicons={name: words.lexicons()[name.partition(":")[2]] for name in rewards.automata})
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -119,7 +119,7 @@ def rewards_for(datasets, progs, parts, frozen, rewards, tokenizer, config) -> l
 def _read(f: Path, n: int, k: int) -> np.ndarray | None:
   try:
     v = np.load(f, allow_pickle=False)
-  except (OSError, ValueError):
+  except (OSError, ValueError, EOFError):  # missing, damaged, or empty (np.load raises EOFError)
     return None
   return v if v.shape == (n, k) and np.isfinite(v).all() else None
 
@@ -128,9 +128,6 @@ def _write(f: Path, values: np.ndarray) -> None:
   """Atomic: a crash mid-write leaves the old cache (or none), never half a file."""
   try:
     f.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=f.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as fh:
-      np.save(fh, values, allow_pickle=False)
-    os.replace(tmp, f)
+    files.write_atomically(f, lambda fh: np.save(fh, values, allow_pickle=False), binary=True)
   except OSError as e:
     logging.warning("could not cache demonstration rewards in %s: %s", f.parent, e)

@@ -13,6 +13,12 @@ class UserError(Exception):
   """Bad input the user can fix; the message is shown as one line."""
 
 
+def need(ok: bool, message: str) -> None:
+  """Raises UserError(message) unless `ok`: one line per check in the config checks."""
+  if not ok:
+    raise UserError(message)
+
+
 def exit_on_user_error(fn):
   """Wraps an entry point: a UserError becomes one stderr line and exit 2."""
 

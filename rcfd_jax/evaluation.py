@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rcfd_jax import files
+
 EVAL_SUBDIR = "eval"
 
 # Probability mass added to every histogram bin before the KL. Without it a
@@ -218,19 +220,8 @@ def _jsonable(x: Any) -> Any:
   return x
 
 
-def _replace_atomically(path: str, write) -> None:
-  """Calls write(tmp_path), then renames over `path`: readers never see half a file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _save_figure(fig, path: str) -> None:
-  _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+  files.write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
 
 
 def _reward_histogram(policy_rewards, demo_rewards, bins: int, step: int, path: str) -> None:
@@ -336,12 +327,11 @@ def write_eval(workdir: str | os.PathLike, step: int, result: Mapping[str, Any],
 
   json_path = os.path.join(out_dir, f"step_{step}.json")
 
-  def write_json(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(_jsonable(record), f, indent=2)
-      f.write("\n")
+  def write_json(f):
+    json.dump(_jsonable(record), f, indent=2)
+    f.write("\n")
 
-  _replace_atomically(json_path, write_json)
+  files.write_atomically(json_path, write_json)
   paths.append(json_path)
   if policy_rewards is not None and demo_rewards is not None:
     path = os.path.join(out_dir, f"step_{step}_rewards.png")

@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import ml_collections
 from absl import app, flags
 
@@ -36,25 +35,22 @@ def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
 
 def load_trained(workdir: str | Path):
   """(language model with trained weights, tokenizer, step) from a training workdir."""
-  from rcfd_jax import checkpoint, models, policy as policy_lib, sharding, train
-  import jax.numpy as jnp
+  from rcfd_jax import checkpoint, config as config_lib, models, policy as policy_lib, sharding
   if not is_workdir(workdir):
     raise UserError(f"{workdir} is not a training workdir (no config.json and checkpoints/)")
   config = run_config(workdir)
   mesh = sharding.mesh_from_config(config.mesh)
-  dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-  tokenizer = train.load_tokenizer(config.policy.path)
-  lm = models.load_pretrained(config.policy.path, task="causal_lm", dtype=dtype, mesh=mesh)
+  tokenizer = policy_lib.load_tokenizer(config.policy.path)
+  lm = models.load_pretrained(config.policy.path, task="causal_lm", dtype=config_lib.DTYPES[config.model.dtype],
+                              mesh=mesh)
   parts, _ = policy_lib.build(lm, config, value_head=config.rl.baseline == "gae", mesh=mesh)
-  state, _ = train.init_state(config, parts.trainable, train.optimizer(config.optim), mesh)
   ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints", max_to_keep=config.checkpoint.keep)
-  restored = ckpt.restore_latest(jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  restored = ckpt.restore_params(sharding.abstract(parts.trainable, sharding.state_shardings(parts.trainable, mesh)))
   ckpt.close()
   if restored is None:
     raise UserError(f"{workdir}/checkpoints holds no checkpoint that restores")
-  step, state, _ = restored
-  return parts.merge(state.params, parts.frozen).lm, tokenizer, step
+  step, params = restored
+  return parts.merge(params, parts.frozen).lm, tokenizer, step
 
 
 def export(workdir: str | Path, out: str | Path) -> Path:

@@ -14,9 +14,10 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from rcfd_jax import files
 
 # Tokenizer JSON fields that transformers rewrites on every padded or truncating
 # call; they change no token id, so a used tokenizer keeps its identity.
@@ -76,16 +77,11 @@ def file_digest(path: str | os.PathLike, memo_dir: str | os.PathLike) -> str:
   except (OSError, ValueError, KeyError, TypeError):
     pass
   _memo[key] = _hash_bytes(path)
-  tmp = None
   try:  # atomic, so a concurrent reader sees the old memo or the new one
     memo.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=memo.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-      json.dump({"key": list(key), "sha256": _memo[key]}, fh)
-    os.replace(tmp, memo)
+    files.write_atomically(memo, lambda fh: json.dump({"key": list(key), "sha256": _memo[key]}, fh))
   except OSError:  # a read-only memo directory costs a re-hash next run, nothing else
-    if tmp is not None:
-      Path(tmp).unlink(missing_ok=True)
+    pass
   return _memo[key]
 
 

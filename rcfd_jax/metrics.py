@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from rcfd_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 TB_SUBDIR = "tb"
 
@@ -90,12 +92,7 @@ def _read_complete_lines(path: str) -> tuple[list[str], bool]:
 
 def _rewrite(path: str, lines: list[str]) -> None:
   """Replaces `path` with `lines` atomically (a kill leaves old or new file)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(line + "\n" for line in lines)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  files.write_atomically(path, lambda f: f.writelines(line + "\n" for line in lines))
 
 
 class MetricsWriter:

@@ -20,8 +20,18 @@ import numpy as np
 from flax import nnx
 
 from rcfd_jax import sharding
+from rcfd_jax.models import hf
 from rcfd_jax.models import layers as L
 from rcfd_jax.models import lora
+
+
+def load_tokenizer(path: str):
+  """The policy's tokenizer: prompts padded on the left, with EOS as the pad where it has none."""
+  tok = hf.load_tokenizer(path)
+  if tok.pad_token_id is None:
+    tok.pad_token = tok.eos_token  # generation pads after EOS; masks make the id irrelevant
+  tok.padding_side = "left"
+  return tok
 
 
 class Policy(nnx.Module):

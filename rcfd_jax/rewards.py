@@ -2,8 +2,8 @@
 
 Kinds (config.reward.sources lists names; each name's kind is its prefix):
   loglik       mean per-token log-likelihood of the completion under the frozen
-               initial policy (use case 1). It is the reference log-prob the
-               step computes for the KL anyway, so it costs nothing extra.
+               initial policy (use case 1), rl.mean_token_logprob of the
+               reference log-probs that the step also reads for the KL.
   length       -|y| in tokens.
   classifier   a *ForSequenceClassification reward model: the logit of
                config.reward.classifier.label_index (IMDB positive class; 0 for a
@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rcfd_jax import fingerprint, models, words
+from rcfd_jax import fingerprint, models, rl, words
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import hf
+from rcfd_jax.words import NEGATIVE_WORDS, POSITIVE_WORDS
 
 KINDS = ("loglik", "length", "classifier", "function", "words")
 
@@ -49,14 +50,6 @@ def register(name: str):
     return fn
 
   return deco
-
-
-POSITIVE_WORDS = frozenset(
-    "good great excellent wonderful amazing brilliant superb delightful moving beautiful "
-    "fantastic lovely charming perfect masterful enjoyable touching memorable best love loved".split())
-NEGATIVE_WORDS = frozenset(
-    "bad terrible awful boring dull poor weak horrible dreadful mediocre painful tedious "
-    "forgettable worst hate hated mess clumsy bland".split())
 
 
 @register("sentiment_words")
@@ -191,12 +184,6 @@ def length_reward(completion_mask_bn: jax.Array) -> jax.Array:
   return -completion_mask_bn.sum(-1).astype(jnp.float32)
 
 
-def loglik_reward(ref_logp_bn: jax.Array, completion_mask_bn: jax.Array) -> jax.Array:
-  """Mean per-token log-likelihood under pi_0; 0 for an empty completion."""
-  m = completion_mask_bn.astype(jnp.float32)
-  return (ref_logp_bn * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
-
-
 @dataclasses.dataclass
 class Rewards:
   """The configured reward sources, split into in-step and host-side ones."""
@@ -223,7 +210,7 @@ class Rewards:
     out = {}
     for s in self.sources:
       if s.kind == "loglik":
-        out[s.name] = loglik_reward(ref_logp, completion_mask)
+        out[s.name] = rl.mean_token_logprob(ref_logp, completion_mask)
       elif s.kind == "length":
         out[s.name] = length_reward(completion_mask)
       elif s.kind == "words":

@@ -1,9 +1,10 @@
 """The RL maths: log-probs, KL estimators, objectives, advantages and losses.
 
 Every function here is pure jax.numpy, jittable, and knows nothing of models,
-configs or sharding; the train step composes them. Shapes are in the names:
-b batch (one completion per row), t time, v vocabulary, k reward components,
-p prompts and g completions sampled per prompt.
+configs or sharding; the train step (rcfd_jax.step) composes them. Shapes are
+in the names, here and in step.py: b batch (one completion per row), t time
+(completion tokens), v vocabulary, k reward components, p prompts and g
+completions sampled per prompt (b = p * g); step.py adds l, prompt tokens.
 
 Masks are [B, T], float or bool, 1 on completion tokens and 0 on prompt and
 padding tokens. Values at masked-out positions are never trusted: helpers
@@ -14,7 +15,7 @@ gives 0 wherever a mean over its tokens is asked for, never NaN.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +84,10 @@ def mean_token_logprob(logp_bt: Array, mask_bt: Array) -> Array:
   """[B] mean log-prob per completion token: the length-normalised likelihood reward.
 
   The paper's use case 1 scores a completion by this mean under the frozen
-  initial model, so the train step passes the reference log-probs it already
-  computed for the KL. An empty completion scores 0 rather than NaN.
+  initial model: the "loglik" reward source (rcfd_jax.rewards) is this
+  function of the reference log-probs pi_0 gives the completion, which the
+  rollout computes once for the reward and the KL alike. An empty completion
+  scores 0 rather than NaN.
   """
   return masked_mean(logp_bt, mask_bt, axis=-1)
 
@@ -164,7 +167,7 @@ def weighted(reward_bk: Array, alpha_k: Array) -> Array:
   return jnp.sum(_as_bk(reward_bk) * jnp.asarray(alpha_k), axis=-1)
 
 
-def rcfd(reward_bk: Array, demo_reward_bk: Array, whiten: bool | None = None,
+def rcfd(reward_bk: Array, demo_reward_bk: Array, whiten_each: bool | None = None,
          eps: float = 1e-8) -> Array:
   """[B] reward calibrated from demonstrations: score like the demo, not higher.
 
@@ -184,15 +187,15 @@ def rcfd(reward_bk: Array, demo_reward_bk: Array, whiten: bool | None = None,
   Args:
     reward_bk: [B, K] (or [B]) rewards of the completions.
     demo_reward_bk: same shape, rewards of each row's prompt's demonstration.
-    whiten: None (default) follows the paper: whiten iff K > 1. True or False
-      forces per-component whitening on or off whatever K is.
+    whiten_each: None (default) follows the paper: whiten iff K > 1. True or
+      False forces per-component whitening on or off whatever K is.
     eps: added to the batch std before dividing.
   """
   calibrated_bk = -jnp.square(_as_bk(reward_bk) - _as_bk(demo_reward_bk))
-  if whiten is None:
-    whiten = calibrated_bk.shape[-1] > 1
-  if whiten:
-    calibrated_bk = _whiten(calibrated_bk, eps=eps, axis=0)
+  if whiten_each is None:
+    whiten_each = calibrated_bk.shape[-1] > 1
+  if whiten_each:
+    calibrated_bk = whiten(calibrated_bk, eps=eps, axis=0)
   return jnp.sum(calibrated_bk, axis=-1)
 
 
@@ -270,22 +273,12 @@ def token_entropy(logits_btv: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------
-# Adaptive KL coefficient (Ziegler et al. 2019), as a pure state update.
+# Adaptive KL coefficient (Ziegler et al. 2019): beta is the controller's whole state.
 
 
-class AdaptiveKLState(NamedTuple):
-  """State of the adaptive KL controller: the current coefficient beta."""
-  beta: Array
-
-
-def adaptive_kl_init(beta: float) -> AdaptiveKLState:
-  """Controller state starting at `beta`."""
-  return AdaptiveKLState(beta=jnp.asarray(beta, jnp.float32))
-
-
-def adaptive_kl_update(state: AdaptiveKLState, observed_kl: Array | float, target: float,
-                       horizon: float, n_steps: int | Array) -> AdaptiveKLState:
-  """Moves beta to pull the observed KL toward `target`.
+def adaptive_kl(beta: Array | float, observed_kl: Array | float, target: float,
+                horizon: float, n_steps: int | Array) -> Array:
+  """The next beta, moved to pull the observed KL toward `target`.
 
   beta <- beta * (1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon).
   The clip bounds how fast beta reacts to one noisy KL measurement; n_steps /
@@ -293,7 +286,7 @@ def adaptive_kl_update(state: AdaptiveKLState, observed_kl: Array | float, targe
   scale. KL above target grows beta, below target shrinks it.
   """
   error = jnp.clip(jnp.asarray(observed_kl, jnp.float32) / target - 1.0, -0.2, 0.2)
-  return AdaptiveKLState(beta=state.beta * (1.0 + error * n_steps / horizon))
+  return beta * (1.0 + error * n_steps / horizon)
 
 
 # ----------------------------------------------------------------------------
@@ -320,9 +313,6 @@ def masked_whiten(x_bt: Array, mask_bt: Array, eps: float = 1e-8) -> Array:
   return centered_bt / (std + eps)
 
 
-_whiten = whiten  # rcfd's `whiten` flag shadows the function name inside rcfd.
-
-
 def leave_one_out(reward_pg: Array) -> Array:
   """[P, G] advantage: each reward minus the mean of the other G - 1 of its prompt.
 
@@ -332,8 +322,8 @@ def leave_one_out(reward_pg: Array) -> Array:
   g = reward_pg.shape[-1]
   if g < 2:
     raise ValueError(f"leave_one_out needs at least 2 samples per prompt, got {g}")
-  others_mean = (jnp.sum(reward_pg, axis=-1, keepdims=True) - reward_pg) / (g - 1)
-  return reward_pg - others_mean
+  others_mean_pg = (jnp.sum(reward_pg, axis=-1, keepdims=True) - reward_pg) / (g - 1)
+  return reward_pg - others_mean_pg
 
 
 def place_at_last(reward_b: Array, mask_bt: Array) -> Array:

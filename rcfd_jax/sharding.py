@@ -134,6 +134,17 @@ def rows_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   return NamedSharding(mesh, spec_for(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
 
 
+def put_rows(local: np.ndarray, n: int, mesh: Mesh) -> jax.Array:
+  """The global [n, ...] array on rows_sharding whose rows this process holds are `local`.
+
+  Which rows those are is the caller's choice of feeding order (each trainer
+  reads only its own rows of the global batch).
+  """
+  local = np.asarray(local)
+  shape = (n,) + local.shape[1:]
+  return jax.make_array_from_process_local_data(rows_sharding(mesh, shape), local, shape)
+
+
 def is_abstract(tree: Any) -> bool:
   """Whether a pytree holds jax.ShapeDtypeStruct leaves: a model or state built without weights."""
   return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))

@@ -38,10 +38,10 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from rcfd_jax import metrics, models, sharding
-from rcfd_jax.errors import UserError
+from rcfd_jax import files, metrics, models, optim, sharding
+from rcfd_jax.errors import UserError, need
+from rcfd_jax.models import hf
 
 STAGES = ("sft", "classifier")
 TASKS = {"sft": "causal_lm", "classifier": "seq_cls"}  # which head the start model is loaded with
@@ -152,7 +152,7 @@ def texts_and_labels(rows: list[dict], config) -> tuple[list[str], list[int]]:
 
 def encode(texts: list[str], labels: list[int], tokenizer, seq_len: int) -> Examples:
   """Special tokens + text + EOS, truncated to seq_len, right-padded."""
-  if getattr(tokenizer, "backend_tokenizer", None) is not None:  # the Rust path is ~5x faster
+  if getattr(tokenizer, "backend_tokenizer", None) is not None:  # the Rust tokenizer encodes the batch at once
     encoded = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=True)]
   else:
     encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
@@ -249,9 +249,7 @@ def optimizer(c, total_steps: int) -> tuple[optax.GradientTransformation, optax.
   warmup = min(c.warmup_steps, max(total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, warmup, max(total_steps, warmup + 1))
   decay_matrices = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
-  parts = [optax.clip_by_global_norm(c.max_grad_norm)] if c.max_grad_norm > 0 else []
-  parts.append(optax.adamw(schedule, weight_decay=c.weight_decay, mask=decay_matrices))
-  return optax.chain(*parts), schedule
+  return optim.adamw(schedule, c.max_grad_norm, c.weight_decay, mask=decay_matrices), schedule
 
 
 def make_update(graphdef, rest, sums_fn, tx, schedule):
@@ -274,11 +272,6 @@ def make_update(graphdef, rest, sums_fn, tx, schedule):
 
 
 # ---------------------------------------------------------------------- the run
-
-
-def need(ok: bool, message: str) -> None:
-  if not ok:
-    raise UserError(message)
 
 
 def check(config, model, num_processes: int) -> None:
@@ -305,7 +298,6 @@ def start_model(config, mesh) -> nnx.Module:
   paper's reward models start from a pretrained LM): its trunk is copied and
   a fresh score head with one logit per label is drawn from config.seed.
   """
-  from rcfd_jax.models import hf
   task = TASKS[config.stage]
   hf_config = hf.read_config(hf.resolve_dir(config.model.path))
   if task == "causal_lm" or models.task_of(hf_config) == "seq_cls":
@@ -323,32 +315,11 @@ def start_model(config, mesh) -> nnx.Module:
   return model
 
 
-def load_tokenizer(path: str):
-  from transformers import AutoTokenizer
-  from rcfd_jax.models import hf
-  model_dir = hf.resolve_dir(path)
-  try:
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-  except Exception as e:  # transformers raises many types for a missing or broken tokenizer
-    raise UserError(f"cannot load a tokenizer from {model_dir} ({type(e).__name__}); "
-                    "the start model directory must hold one") from None
-  if tok.eos_token_id is None:
-    raise UserError(f"the tokenizer in {model_dir} has no eos token; set eos_token in its tokenizer_config.json")
-  return tok
-
-
 def _device_batch(ex: Examples, weight: np.ndarray, mesh) -> dict:
   """This process's rows of a global batch, as arrays sharded over (data, fsdp)."""
   lo, n = jax.process_index() * len(ex) // jax.process_count(), len(ex) // jax.process_count()
   host = {"ids": ex.ids, "mask": ex.mask, "labels": ex.labels, "weight": weight.astype(np.float32)}
-
-  def put(x):
-    x = x[lo:lo + n]
-    shape = (len(ex),) + x.shape[1:]
-    spec = sharding.spec_for(("batch",) + (None,) * (x.ndim - 1), shape, mesh)
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, shape)
-
-  return {k: put(v) for k, v in host.items()}
+  return {k: sharding.put_rows(v[lo:lo + n], len(ex), mesh) for k, v in host.items()}
 
 
 def evaluate(sums_j, params, ex: Examples, batch_size: int, mesh) -> dict[str, float]:
@@ -383,14 +354,10 @@ def run(config, workdir: str) -> dict[str, float]:
     raise UserError(f"config.stage={config.stage!r}; use one of {STAGES}")
   if not config.model.path:
     raise UserError("config.model.path is empty; set it to the HF model directory to start from")
-  wd = Path(workdir).expanduser()
-  try:
-    wd.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"workdir {wd} cannot be created ({e.strerror}); pick another --workdir") from None
+  wd = files.prepare_workdir(workdir)
   texts, labels = texts_and_labels(read_jsonl(config.data.path), config)  # data errors before any loading
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
-  tokenizer = load_tokenizer(config.model.path)
+  tokenizer = hf.load_tokenizer(config.model.path)
   model = start_model(config, mesh)
   check(config, model, jax.process_count())
   train, val = split(encode(texts, labels, tokenizer, config.seq_len), config)
@@ -402,11 +369,9 @@ def run(config, workdir: str) -> dict[str, float]:
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedule = optimizer(config.optim, config.total_steps)
   rep = sharding.replicated(mesh)
-  param_sh = sharding.state_shardings(params, mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), param_sh,
-                                 transform_non_params=lambda _: rep)
+  param_sh, opt_sh = optim.shardings(tx, params, mesh)
   state_sh = State(step=rep, params=param_sh, opt_state=opt_sh)
-  state = jax.jit(lambda p: State(jnp.zeros((), jnp.int32), p, tx.init(p)), out_shardings=state_sh)(params)
+  state = sharding.run_placed(lambda p: State(jnp.zeros((), jnp.int32), p, tx.init(p)), state_sh, params)
 
   sums_fn = LOSSES[config.stage]
   order = Order(len(train), config.batch_size, config.seed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,61 +20,14 @@ import optax
 from absl import logging
 from flax import nnx
 
-from rcfd_jax import (batching, checkpoint, config as config_lib, demos, distributed, metrics, models,
-                      policy as policy_lib, programs, prompts, rewards as rewards_lib, sharding, validate)
-from rcfd_jax.errors import UserError
+from rcfd_jax import (batching, bridge, checkpoint, config as config_lib, demos, distributed, metrics, models,
+                      optim, policy as policy_lib, programs, prompts, rewards as rewards_lib, sharding, validate)
+from rcfd_jax.errors import UserError, need
+from rcfd_jax.files import check_workdir, prepare_workdir
 from rcfd_jax.models import hf
+from rcfd_jax.policy import load_tokenizer
 from rcfd_jax.reproduce import prepare
-from rcfd_jax.step import Batch, Frozen, StepConfig, TrainState
-
-
-def optimizer(c) -> optax.GradientTransformation:
-  """Adam(W) with optional global-norm clipping (paper: Adam, lr 5e-5)."""
-  parts = [optax.clip_by_global_norm(c.max_grad_norm)] if c.max_grad_norm > 0 else []
-  parts.append(optax.adamw(c.learning_rate, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
-  return optax.chain(*parts)
-
-
-def load_tokenizer(path: str):
-  from transformers import AutoTokenizer
-  model_dir = hf.resolve_dir(path)
-  try:
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-  except Exception as e:
-    raise UserError(f"cannot load a tokenizer from {model_dir}: {e}") from None
-  if tok.eos_token_id is None:
-    raise UserError(f"the tokenizer in {model_dir} has no eos token; set eos_token in its tokenizer_config.json")
-  if tok.pad_token_id is None:
-    tok.pad_token = tok.eos_token  # generation pads after EOS; masks make the id irrelevant
-  tok.padding_side = "left"
-  return tok
-
-
-def prepare_workdir(workdir: str) -> Path:
-  """Creates the workdir or explains why it cannot be written."""
-  wd = Path(workdir).expanduser()
-  try:
-    wd.mkdir(parents=True, exist_ok=True)
-    probe = wd / f".write_probe_{jax.process_index()}"
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
-    raise UserError(f"workdir {wd} is not writable ({e.strerror}); pick another --workdir") from None
-  return wd
-
-
-def check_workdir(workdir: str) -> None:
-  """Fails before anything is loaded or written when workdir cannot become a writable directory.
-
-  Creating it waits until the inputs have loaded, so a bad config or dataset
-  leaves no new directory behind.
-  """
-  wd = Path(workdir).expanduser().absolute()
-  existing = next(p for p in (wd, *wd.parents) if p.exists())
-  if not existing.is_dir():
-    raise UserError(f"workdir {wd} is not writable ({existing} is not a directory); pick another --workdir")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise UserError(f"workdir {wd} is not writable (no write permission on {existing}); pick another --workdir")
+from rcfd_jax.step import Frozen, StepConfig, TrainState
 
 
 @dataclasses.dataclass
@@ -111,12 +63,8 @@ class Trainer:
   state_sh: TrainState
 
 
-def dtype_of(config):
-  return jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-
-
 def make_trainer(config, mesh, tokenizer, eos_id: int, pad_id: int, load=models.load_pretrained,
-                 load_tokenizer=rewards_lib.load_rm_tokenizer) -> Trainer:
+                 load_rm_tokenizer=rewards_lib.load_rm_tokenizer) -> Trainer:
   """Policy (+ LoRA, value head), reward sources, step config, optimizer and initial state on `mesh`.
 
   `load` is models.load_pretrained for training; rcfd_jax.aot passes
@@ -124,16 +72,17 @@ def make_trainer(config, mesh, tokenizer, eos_id: int, pad_id: int, load=models.
   holding only config.json), so everything below is the same code with
   abstract values.
   """
-  lm = load(config.policy.path, task="causal_lm", dtype=dtype_of(config), mesh=mesh)
-  need = config.data.max_prompt_tokens + config.rollout.max_new_tokens
-  if need > lm.config.max_positions:
-    raise UserError(f"config.data.max_prompt_tokens {config.data.max_prompt_tokens} + max_new_tokens "
-                    f"{config.rollout.max_new_tokens} = {need} exceeds the policy's context "
-                    f"{lm.config.max_positions}; lower config.data.max_prompt_tokens or config.rollout.max_new_tokens")
-  rewards = rewards_lib.build(config.reward, tokenizer, mesh, load, load_tokenizer)
+  lm = load(config.policy.path, task="causal_lm", dtype=config_lib.DTYPES[config.model.dtype], mesh=mesh)
+  positions = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+  need(positions <= lm.config.max_positions,
+       f"config.data.max_prompt_tokens {config.data.max_prompt_tokens} + max_new_tokens "
+       f"{config.rollout.max_new_tokens} = {positions} exceeds the policy's context "
+       f"{lm.config.max_positions}; lower config.data.max_prompt_tokens or config.rollout.max_new_tokens")
+  rewards = rewards_lib.build(config.reward, tokenizer, mesh, load, load_rm_tokenizer)
   parts, ref = policy_lib.build(lm, config, value_head=config.rl.baseline == "gae", mesh=mesh)
   rm_state = rewards.classifier.state if rewards.classifier is not None and rewards.classifier.in_graph else None
-  tx = optimizer(config.optim)
+  c = config.optim
+  tx = optim.adamw(c.learning_rate, c.max_grad_norm, c.weight_decay, b1=c.b1, b2=c.b2)  # paper: Adam, lr 5e-5
   state, state_sh = init_state(config, parts.trainable, tx, mesh)
   return Trainer(parts, Frozen(parts.frozen, ref, rm_state), rewards,
                  StepConfig.from_config(config, eos_id, pad_id), tx, state, state_sh)
@@ -191,9 +140,7 @@ def build(config, workdir: Path) -> tuple[Setup, TrainState]:
 def init_state(config, params: nnx.State, tx, mesh) -> tuple[TrainState, TrainState]:
   """The initial TrainState, born with explicit shardings (returned too, for jit)."""
   rep = sharding.replicated(mesh)
-  param_sh = sharding.state_shardings(params, mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), param_sh,
-                                 transform_non_params=lambda _: rep)
+  param_sh, opt_sh = optim.shardings(tx, params, mesh)
   state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep, beta=rep, bad_steps=rep,
                         skipped_total=rep)
 
@@ -231,38 +178,6 @@ def compile_steps(s: Setup, state: TrainState | None = None) -> Steps:
   return Steps(fn("iteration"), fn("rollout"), fn("update"), fn("eval_rollout"), progs, rm)
 
 
-def device_batch(s: Setup, batcher: batching.Batcher, indices: np.ndarray, demo: np.ndarray) -> Batch:
-  """The global batch of examples `indices` on the mesh; each process reads only its own rows.
-
-  The rows a process feeds are those its devices hold under the batch
-  sharding (distributed.process_rows), so the global array's row order is
-  `indices` order on any number of processes.
-  """
-  n = len(indices)
-  sh = sharding.rows_sharding(s.mesh, (n,))
-  host = batcher.gather(np.asarray(indices)[distributed.process_rows(sh, n)])
-
-  def put(x):
-    x = np.asarray(x)
-    shape = (n,) + x.shape[1:]
-    return jax.make_array_from_process_local_data(sharding.rows_sharding(s.mesh, shape), x, shape)
-  return Batch(put(host.prompt_ids), put(host.prompt_mask.astype(bool)), put(demo[host.indices]))
-
-
-def host_rewards(s: Setup, ro, indices: np.ndarray, rm=None) -> dict:
-  """The bridge: decode the rollout's completions, score them with host-side rewards (rm: Steps.rm)."""
-  return score_on_host(s, s.train, indices, distributed.to_host(ro.tokens), distributed.to_host(ro.mask), rm)
-
-
-def score_on_host(s: Setup, ds: prompts.PromptDataset, indices, tokens: np.ndarray, mask: np.ndarray,
-                  rm=None) -> dict:
-  """Host-side rewards of completions; rows are the prompts at `indices`, each repeated per sample."""
-  completions = s.tokenizer.batch_decode(np.where(mask, tokens, s.tokenizer.pad_token_id),
-                                         skip_special_tokens=True)
-  idx = np.repeat(np.asarray(indices), len(tokens) // len(indices))  # k samples per prompt, in order
-  return s.rewards.on_host([ds.prompt_texts[i] for i in idx], completions, [ds.extras[i] for i in idx], rm)
-
-
 def run(config, workdir: str) -> TrainState:
   """Trains per config, resuming from workdir's latest good checkpoint."""
   distributed.initialize(config.distributed)
@@ -294,13 +209,13 @@ def run(config, workdir: str) -> TrainState:
       for step in range(start, config.total_steps):
         # Rollout, reward, update: one compiled call unless a reward needs the host.
         indices = s.batcher.indices(step)
-        batch = device_batch(s, s.batcher, indices, s.target_train)
+        batch = bridge.device_batch(s, s.batcher, indices, s.target_train)
         if steps.fused is not None:
           state, m = steps.fused(state, s.frozen, batch)
         else:
           ro = steps.rollout(state, s.frozen, batch)
-          with rewards_lib.Timer() as bridge:
-            hr = host_rewards(s, ro, indices, steps.rm)
+          with rewards_lib.Timer() as bridge_time:
+            hr = bridge.host_rewards(s, ro, indices, steps.rm)
             hr = {k: sharding.put_global(v, sharding.rows_sharding(s.mesh, v.shape)) for k, v in hr.items()}
           state, m = steps.update(state, s.frozen, ro, hr)
         done = step + 1
@@ -311,7 +226,7 @@ def run(config, workdir: str) -> TrainState:
           m["tokens_per_second"] = m["generated_tokens"] * config.log_every_steps / max(now - t_last, 1e-9)
           t_last = now
           if steps.fused is None:
-            m["bridge_seconds"] = bridge.seconds
+            m["bridge_seconds"] = bridge_time.seconds
           writer.write(done, m)
           if int(jax.device_get(state.bad_steps)) >= config.rl.max_bad_steps:
             raise UserError(f"{config.rl.max_bad_steps} updates in a row had non-finite rewards, losses or "

@@ -19,7 +19,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rcfd_jax import distributed, evaluation, rl
+from rcfd_jax import batching, bridge, distributed, evaluation, rl
+
 
 def generate(s, steps, state, ds, demo: np.ndarray, num_prompts: int) -> dict[str, np.ndarray | list]:
   """Completions and rewards for the first num_prompts prompts of `ds`, batch by batch (steps: train.Steps).
@@ -27,18 +28,17 @@ def generate(s, steps, state, ds, demo: np.ndarray, num_prompts: int) -> dict[st
   Arrays are [n, k, ...]: k = eval.samples_per_prompt completions per prompt;
   "demo" is [n, K].
   """
-  from rcfd_jax import batching, train
   b, k = s.config.rollout.prompts_per_step, s.config.eval.samples_per_prompt
   n = min(num_prompts, len(ds))
   batcher = batching.Batcher(ds, b, s.config.data, s.tokenizer.pad_token_id)
   out = {name: [] for name in ("rewards", "tokens", "mask", "logp", "ref_logp")}
   for start in range(0, n, b):
     idx = np.arange(start, start + b) % n
-    batch = train.device_batch(s, batcher, idx, demo)
+    batch = bridge.device_batch(s, batcher, idx, demo)
     ro = distributed.to_host(steps.eval_rollout(state, s.frozen, batch))
     parts = dict(ro.rewards)
     if s.rewards.needs_host:
-      parts.update(train.score_on_host(s, ds, idx, ro.tokens, ro.mask, steps.rm))
+      parts.update(bridge.score_on_host(s, ds, idx, ro.tokens, ro.mask, steps.rm))
     keep = min(b, n - start)
     by_prompt = lambda x: np.asarray(x).reshape(b, k, *x.shape[1:])[:keep]  # rollouts are prompt-major
     out["rewards"].append(by_prompt(s.rewards.stack(parts)))

@@ -32,10 +32,17 @@ STRIP = b".,!?;:\"'()"
 WHITESPACE = bytes(b for b in range(128) if chr(b).isspace())
 DEAD, OPEN = 0, 1  # no lexicon word possible until the next whitespace; only punctuation so far
 
+# The sentiment lexicon: rewards.sentiment_words counts these on text, words:sentiment on token ids.
+POSITIVE_WORDS = frozenset(
+    "good great excellent wonderful amazing brilliant superb delightful moving beautiful "
+    "fantastic lovely charming perfect masterful enjoyable touching memorable best love loved".split())
+NEGATIVE_WORDS = frozenset(
+    "bad terrible awful boring dull poor weak horrible dreadful mediocre painful tedious "
+    "forgettable worst hate hated mess clumsy bland".split())
+
 
 def lexicons() -> dict[str, dict[str, float]]:
-  from rcfd_jax import rewards
-  return {"sentiment": {**{w: 1.0 for w in rewards.POSITIVE_WORDS}, **{w: -1.0 for w in rewards.NEGATIVE_WORDS}}}
+  return {"sentiment": {**{w: 1.0 for w in POSITIVE_WORDS}, **{w: -1.0 for w in NEGATIVE_WORDS}}}
 
 
 def byte_automaton(lexicon: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from conftest import load_config
 pytest.importorskip("libtpu", reason="libtpu is not installed here (pip install 'jax[tpu]==0.10.2'); "
                                       "nothing can be compiled for a TPU")
 
-from rcfd_jax import aot, hlo_cost, programs, targets, train  # noqa: E402
+from rcfd_jax import aot, bridge, hlo_cost, programs, targets, train  # noqa: E402
 from rcfd_jax.step import make_rollout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_rollout_micro_batches_keep_rows_in_prompt_order(one_device):
   """Greedy decoding in 2 sequential chunks gives the rows of one rollout, in the same order."""
   s, state = one_device
   sc = dataclasses.replace(s.sc, temperature=0.0)
-  batch = train.device_batch(s, s.batcher, s.batcher.indices(0), np.zeros((len(s.train), 2), np.float32))
+  batch = bridge.device_batch(s, s.batcher, s.batcher.indices(0), np.zeros((len(s.train), 2), np.float32))
   whole = jax.jit(make_rollout(s.parts, s.rewards, sc))(state, s.frozen, batch)
   parts = jax.jit(programs.chunked(make_rollout(s.parts, s.rewards, sc), 2))(state, s.frozen, batch)
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(parts)):
@@ -131,7 +131,7 @@ def test_rollout_micro_batches_keep_rows_in_prompt_order(one_device):
 def test_rollout_micro_batches_sample_with_keys_of_their_own(one_device):
   """The same prompt in both chunks: without a key per chunk, its rows would draw the same tokens."""
   s, state = one_device
-  batch = train.device_batch(s, s.batcher, np.zeros(s.config.rollout.prompts_per_step, np.int64),
+  batch = bridge.device_batch(s, s.batcher, np.zeros(s.config.rollout.prompts_per_step, np.int64),
                              np.zeros((len(s.train), 2), np.float32))
   ro = jax.jit(programs.chunked(make_rollout(s.parts, s.rewards, s.sc), 2))(state, s.frozen, batch)
   k, tokens = s.sc.samples_per_prompt, np.asarray(ro.tokens)

@@ -175,8 +175,6 @@ def test_read_rejects_missing_truncated_garbage_and_pickled_files(tmp_path):
   assert demos._read(f, 5, 2) is None
 
 
-@pytest.mark.xfail(strict=True, raises=EOFError,
-                   reason="np.load raises EOFError on an empty file, which demos._read does not catch")
 def test_read_treats_an_empty_file_as_a_miss(tmp_path):
   f = tmp_path / "k.npy"
   f.write_bytes(b"")

@@ -1,12 +1,13 @@
 """export: a trained (LoRA) policy written as a HF directory that transformers loads."""
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 
 from conftest import load_config
-from rcfd_jax import export, train
+from rcfd_jax import checkpoint, export, policy, programs, sharding, train
 from rcfd_jax.reproduce import prepare
 
 
@@ -43,3 +44,20 @@ def test_export_loads_in_transformers_with_the_policy_logits(trained, tmp_path):
 def test_export_of_a_non_workdir_is_one_clear_error(tmp_path):
   with pytest.raises(export.UserError, match="not a training workdir"):
     export.load_trained(tmp_path)
+
+
+def test_restore_params_gives_the_params_of_a_full_restore(trained):
+  """export reads state.params alone; they are the arrays a restore of the whole train state gives."""
+  config = export.run_config(trained)
+  mesh = sharding.mesh_from_config(config.mesh)
+  tokenizer = policy.load_tokenizer(config.policy.path)
+  t = train.make_trainer(config, mesh, tokenizer, tokenizer.eos_token_id, tokenizer.pad_token_id)
+  with checkpoint.Checkpointer(trained / "checkpoints") as ckpt:
+    step, state, _ = ckpt.restore_latest(programs.abstract_of(t.state))
+    got_step, params = ckpt.restore_params(programs.abstract_of(t.state.params))
+  assert got_step == step == 2
+  want, got = jax.tree.leaves(state.params), jax.tree.leaves(params)
+  assert len(want) == len(got) > 0
+  for w, g in zip(want, got):
+    assert w.sharding == g.sharding
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(g))

@@ -1,11 +1,11 @@
-"""train.host_rewards: decode the rollout and score it with host-side rewards."""
+"""bridge.host_rewards: decode the rollout and score it with host-side rewards."""
 
 import types
 
 import numpy as np
 
 from conftest import load_config
-from rcfd_jax import rewards, train
+from rcfd_jax import bridge, rewards, train
 from rcfd_jax.reproduce import corpus, tiny
 
 
@@ -22,7 +22,7 @@ def test_host_rewards_passes_prompts_completions_and_rows():
   ds = types.SimpleNamespace(prompt_texts=["p0", "p1"], extras=[{"id": 0}, {"id": 1}])
   s = types.SimpleNamespace(tokenizer=tok, sc=types.SimpleNamespace(samples_per_prompt=1), train=ds,
                             rewards=rewards.Rewards([rewards.Source("function", "function")], None, fn))
-  out = train.host_rewards(s, ro, np.array([1, 0]))
+  out = bridge.host_rewards(s, ro, np.array([1, 0]))
   np.testing.assert_array_equal(out["function"], [1.0, -2.0])
   assert seen["prompts"] == ["p1", "p0"] and seen["rows"] == [{"id": 1}, {"id": 0}]
   assert seen["completions"] == ["a good film", "bad bad"]

@@ -164,7 +164,7 @@ def test_rcfd_single_reward_is_negative_squared_gap_and_zero_at_demo():
   # Maximal exactly at R = R_d: any perturbation of the reward lowers it.
   for delta in (-1.0, -1e-2, 1e-2, 1.0):
     assert float(rl.rcfd(demo[2:3] + delta, demo[2:3])[0]) < 0.0
-  np.testing.assert_allclose(rl.rcfd(reward, demo, whiten=True),
+  np.testing.assert_allclose(rl.rcfd(reward, demo, whiten_each=True),
                              _ref_rcfd(reward, demo, True), **TOL)
 
 
@@ -174,7 +174,7 @@ def test_rcfd_several_rewards_whitens_each_component_and_is_scale_invariant():
   reward = (demo + rng.normal(size=(B, 2)) * [1.0, 10.0]).astype(np.float32)
   got = rl.rcfd(reward, demo)
   np.testing.assert_allclose(got, _ref_rcfd(reward, demo, True), **TOL)
-  np.testing.assert_allclose(rl.rcfd(reward, demo, whiten=False),
+  np.testing.assert_allclose(rl.rcfd(reward, demo, whiten_each=False),
                              _ref_rcfd(reward, demo, False), rtol=1e-5, atol=1e-3)
   scale = np.array([1.0, 7.5], np.float32)  # e.g. length in other units
   np.testing.assert_allclose(rl.rcfd(reward * scale, demo * scale), got, rtol=1e-4, atol=1e-4)
@@ -184,17 +184,16 @@ def test_rcfd_several_rewards_whitens_each_component_and_is_scale_invariant():
 # Adaptive KL controller
 
 
-def test_adaptive_kl_update_matches_formula_and_direction():
-  state = rl.adaptive_kl_init(0.1)
-  assert isinstance(state, rl.AdaptiveKLState)
+def test_adaptive_kl_matches_formula_and_direction():
+  beta = jnp.asarray(0.1, jnp.float32)
   for kl, n, horizon in [(12.0, 256, 10000), (6.5, 100, 1000), (1.0, 50, 500), (5.9, 10, 100)]:
     err = min(max(kl / 6.0 - 1, -0.2), 0.2)
     want = 0.1 * (1 + err * n / horizon)
-    got = rl.adaptive_kl_update(state, kl, target=6.0, horizon=horizon, n_steps=n).beta
+    got = rl.adaptive_kl(beta, kl, target=6.0, horizon=horizon, n_steps=n)
     np.testing.assert_allclose(got, want, rtol=1e-6)
-  assert float(rl.adaptive_kl_update(state, 10.0, 6.0, 1000, 100).beta) > 0.1
-  assert float(rl.adaptive_kl_update(state, 2.0, 6.0, 1000, 100).beta) < 0.1
-  assert float(rl.adaptive_kl_update(state, 6.0, 6.0, 1000, 100).beta) == pytest.approx(0.1)
+  assert float(rl.adaptive_kl(beta, 10.0, 6.0, 1000, 100)) > 0.1
+  assert float(rl.adaptive_kl(beta, 2.0, 6.0, 1000, 100)) < 0.1
+  assert float(rl.adaptive_kl(beta, 6.0, 6.0, 1000, 100)) == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------------------
@@ -385,7 +384,7 @@ def test_everything_jits():
       "kl_penalized": (rl.kl_penalized, (r_b, r_b, 0.1)),
       "weighted": (rl.weighted, (r_bk, jnp.array([1.0, 0.5]))),
       "rcfd": (rl.rcfd, (r_bk, r_bk * 0.5)),
-      "adaptive_kl_update": (rl.adaptive_kl_update, (rl.adaptive_kl_init(0.1), 3.0, 6.0, 1e4, 256)),
+      "adaptive_kl": (rl.adaptive_kl, (jnp.asarray(0.1, jnp.float32), 3.0, 6.0, 1e4, 256)),
       "whiten": (rl.whiten, (r_b,)),
       "leave_one_out": (rl.leave_one_out, (r_bk,)),
       "place_at_last": (rl.place_at_last, (r_b, mask)),

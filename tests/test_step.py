@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import shutil
+import typing
 from pathlib import Path
 
 import jax
@@ -23,7 +24,7 @@ import pytest
 from flax import nnx
 
 from conftest import load_config
-from rcfd_jax import checkpoint, metrics, models, rewards, rl, train
+from rcfd_jax import bridge, checkpoint, config as config_lib, metrics, models, rewards, rl, train
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import layers as L
 from rcfd_jax import step as step_lib
@@ -42,6 +43,28 @@ def tiny_config(assets, cache_dir, **overrides):
 
 
 PPO = {"rl.algorithm": "ppo", "rl.baseline": "gae", "rl.ppo.epochs": 2, "rl.ppo.minibatches": 2}
+
+
+def test_objectives_and_baselines_are_named_once():
+  """config.check accepts exactly the objectives and baselines the step looks up by name."""
+  assert config_lib.OBJECTIVES == tuple(step_lib.OBJECTIVES) == typing.get_args(step_lib.Objective)
+  assert config_lib.BASELINES == tuple(step_lib.BASELINES) == typing.get_args(step_lib.Baseline)
+
+
+def test_step_config_reads_each_field_from_its_config_entry():
+  c = config_lib.base()
+  c.rollout.samples_per_prompt, c.rollout.max_new_tokens, c.rollout.top_k = 3, 11, 5
+  c.rl.ppo.epochs, c.rl.ppo.minibatches, c.optim.grad_accum = 2, 6, 4
+  c.rl.ppo.value_clip, c.rl.clip_eps, c.rl.alpha = 0.25, 0.35, (1.0, 0.5)
+  c.log_every_steps, c.total_steps = 7, 9
+  want = dict(
+      samples_per_prompt=3, max_new_tokens=11, temperature=c.rollout.temperature, top_k=5,
+      top_p=c.rollout.top_p, eos_id=2, pad_id=0, objective=c.rl.objective, algorithm=c.rl.algorithm,
+      baseline=c.rl.baseline, kl_estimator=c.rl.kl_estimator, adaptive_kl=c.rl.adaptive_kl,
+      kl_target=c.rl.kl_target, kl_horizon=c.rl.kl_horizon, alpha=(1.0, 0.5), ppo_epochs=2, minibatches=6,
+      grad_accum=4, clip_eps=0.35, value_clip=0.25, vf_coef=c.rl.ppo.vf_coef, gamma=c.rl.ppo.gamma,
+      lam=c.rl.ppo.lam, loss_agg=c.rl.loss_agg, metrics_every=7, total_steps=9)
+  assert dataclasses.asdict(step_lib.StepConfig.from_config(c, eos_id=2, pad_id=0)) == want
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +95,7 @@ def train_steps(s, step_fn, state, n, demo=None, beta=None):
   demo = s.demo_train if demo is None else demo
   out = []
   for i in range(n):
-    batch = train.device_batch(s, s.batcher, s.batcher.indices(i), demo)
+    batch = bridge.device_batch(s, s.batcher, s.batcher.indices(i), demo)
     state, m = step_fn(state, s.frozen, batch)
     out.append({k: float(v) for k, v in jax.device_get(m).items()})
   return state, out
@@ -302,7 +325,7 @@ def test_grad_accum_gives_the_whole_batch_update(reinforce, loss_agg):
   s, state = reinforce
   sgd = optax.sgd(1.0)  # the parameter change is the gradient itself (Adam's first step is only its sign)
   state = state.replace(params=jax.tree.map(jnp.copy, state.params), opt_state=sgd.init(state.params))
-  batch = train.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  batch = bridge.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
   ro = jax.jit(make_rollout(s.parts, s.rewards, s.sc))(state, s.frozen, batch)
   r, n = ro.tokens.shape
   lengths = np.where(np.arange(r) < r // 2, 2, n)  # first micro-batch: 2 tokens per row; second: n
@@ -339,7 +362,7 @@ def test_bfloat16_lora_with_accumulation_trains(tiny_assets, cache):
 def test_reference_forward_runs_only_on_logged_steps_unless_the_update_reads_it(reinforce):
   """Reward `length` and objective max: pi_0's log-probs feed only the kl metric."""
   s, state = reinforce
-  batch = train.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  batch = bridge.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
   sc = dataclasses.replace(s.sc, objective="max", metrics_every=3, total_steps=5)
   logged_only = jax.jit(make_rollout(s.parts, s.rewards, sc))
   every_step = jax.jit(make_rollout(s.parts, s.rewards, dataclasses.replace(sc, metrics_every=1)))

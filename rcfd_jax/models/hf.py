@@ -117,6 +117,22 @@ def read_config(model_dir: Path) -> dict[str, Any]:
   return cfg
 
 
+def load_tokenizer(path: str):
+  """The tokenizer of a model directory (or hub id); it must know its EOS token.
+
+  The trainers append EOS to every text and stop generation at it.
+  """
+  from transformers import AutoTokenizer
+  model_dir = resolve_dir(path)
+  try:
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+  except Exception as e:  # transformers raises many types for a missing or broken tokenizer
+    raise UserError(f"cannot load a tokenizer from {model_dir}: {e}") from None
+  if tok.eos_token_id is None:
+    raise UserError(f"the tokenizer in {model_dir} has no eos token; set eos_token in its tokenizer_config.json")
+  return tok
+
+
 def _weights_problem(model_dir: Path) -> str | None:
   """What keeps the directory's weights from loading, or None when safetensors are there."""
   others = sorted(p.name for p in model_dir.glob("*.safetensors"))

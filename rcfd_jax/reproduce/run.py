@@ -50,7 +50,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 from absl import logging
 
