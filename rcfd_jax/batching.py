@@ -27,7 +27,7 @@ class DataPosition:
 class HostBatch:
   """One process's share of a global batch, in host memory; array shapes never change between steps.
 
-  train.device_batch places its arrays on the mesh as a step.Batch.
+  bridge.device_batch places its arrays on the mesh as a step.Batch.
   """
   prompt_ids: np.ndarray  # [b, max_prompt_tokens] int32, left-padded
   prompt_mask: np.ndarray  # [b, max_prompt_tokens] int32, 1 on prompt tokens

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from rcfd_jax import config as config_lib, evaluation, prompts, supervised, train, validate
+from rcfd_jax import config as config_lib, evaluation, files, policy, prompts, supervised, train, validate
 from rcfd_jax.errors import UserError
 from rcfd_jax.reproduce import prepare, report
 
@@ -134,7 +134,7 @@ def write_training_reviews(d: Path, regime: str, quick: bool) -> None:
   out = root / "splits"
   if (out / "positive.jsonl").exists():
     return
-  tokenizer = train.load_tokenizer(str(root / "assets" / "policy"))
+  tokenizer = policy.load_tokenizer(str(root / "assets" / "policy"))
   held = set()
   for task in (t for t, (r, _) in TASKS.items() if r == regime):
     val = prompts.load(rl_config(task, Arm("sft", ""), d, quick).data, tokenizer).validation
@@ -182,7 +182,7 @@ def rl_config(task: str, arm: Arm, d: Path, quick: bool):
 def evaluate_sft(config, wd: Path) -> dict:
   """The SFT policy itself, evaluated like a trained arm at step 0; plus the demos' diversity."""
   s, state = train.build(config, wd)
-  wd = train.prepare_workdir(str(wd))
+  wd = files.prepare_workdir(str(wd))
   (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
   result = validate.run(s, s.steps, state, wd, 0)
   n = min(config.eval.num_prompts, len(s.val))
@@ -436,7 +436,7 @@ def check_targets(results: dict, seconds: float | None) -> list[tuple[str, bool,
 def reproduce(workdir: str, quick: bool = False, parallel: int = 2, seeds: int = 1) -> dict:
   """Runs (or reuses) every stage and arm, then writes results.json, results.md and the plots."""
   d = Path(workdir).expanduser().absolute()
-  train.check_workdir(str(d))
+  files.check_workdir(str(d))
   d.mkdir(parents=True, exist_ok=True)
   mode = d / "mode.txt"
   if mode.exists() and mode.read_text().strip() != ("quick" if quick else "full"):
