@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rcfd_jax import config as config_lib  # noqa: E402
 from rcfd_jax.reproduce import run as reproduce  # noqa: E402
 
 RUNS = [("loglik", s) for s in range(3)] + [("sentiment", s) for s in range(3)] + [
@@ -40,35 +38,20 @@ def arm_dir(d: Path, task: str, seed: int, target: str) -> Path:
 
 
 def command(d: Path, task: str, seed: int) -> list[str]:
-  return [sys.executable, "-m", "rcfd_jax.main", f"--config={ROOT}/configs/reproduce.py:{task},{d}",
+  return [sys.executable, "-m", "rcfd_jax.main", f"--config={config_lib.experiment_file('reproduce')}:{task},{d}",
           "--config.rl.objective=rcfd_group", "--config.rl.rcfd_target=mean", f"--config.seed={seed}",
           f"--workdir={arm_dir(d, task, seed, 'mean')}"]
 
 
 def run_all(d: Path, parallel: int) -> None:
-  todo = [(t, s) for t, s in RUNS if not (arm_dir(d, t, s, "mean") / "eval" / "step_200.json").exists()]
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(d / "jax_cache"), TOKENIZERS_PARALLELISM="false",
-             PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-  running = []
-  while todo or running:
-    while todo and len(running) < parallel:
-      task, seed = todo.pop(0)
-      log = d / "logs" / f"{task}.rcfd_group_mean_seed{seed}.log"
-      log.parent.mkdir(parents=True, exist_ok=True)
-      with log.open("ab") as out:
-        running.append((task, seed, log, time.perf_counter(), subprocess.Popen(
-            command(d, task, seed), stdout=out, stderr=subprocess.STDOUT, env=env)))
-    time.sleep(0.5)
-    for item in list(running):
-      task, seed, log, t0, proc = item
-      if proc.poll() is None:
-        continue
-      running.remove(item)
-      if proc.returncode != 0:
-        for *_, p in running:
-          p.terminate()
-        sys.exit(f"{task} seed {seed} failed (exit {proc.returncode}); see {log}")
-      print(f"finished {task} seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
+  """The mean-target arms, `parallel` at a time, with the reproduction's own job runner."""
+  todo = [reproduce.Job(f"{t}/rcfd_group_mean_seed{s}", (), arm_dir(d, t, s, "mean") / "eval" / "step_200.json")
+          for t, s in RUNS]
+  by_name = {job.name: (t, s) for job, (t, s) in zip(todo, RUNS)}
+  seconds = reproduce.run_jobs(todo, d, parallel,
+                               lambda job: reproduce.start_child(d, job.name, command(d, *by_name[job.name])))
+  for name, sec in seconds.items():
+    print(f"finished {name} in {sec:.0f} s", flush=True)
 
 
 def row(d: Path, task: str, seed: int, target: str) -> dict | None:

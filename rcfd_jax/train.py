@@ -48,7 +48,6 @@ class Setup:
   tx: optax.GradientTransformation
   state_sh: TrainState
   steps: Steps | None = None    # the run's programs (compile_steps), built once
-  target_train: np.ndarray | None = None  # what training batches calibrate to, [n, K] (demos.calibration_targets)
 
 
 @dataclasses.dataclass
@@ -126,7 +125,6 @@ def score_demonstrations(s: Setup) -> Setup:
   """R(x, y_d) of the training and validation demonstrations, from the cache when present."""
   s.demo_train, s.demo_val = demos.rewards_for(
       (s.train, s.val), s.steps.programs, s.parts, s.frozen, s.rewards, s.tokenizer, s.config)
-  s.target_train = demos.calibration_targets(s.demo_train, s.config.rl.rcfd_target)
   return s
 
 
@@ -188,6 +186,7 @@ def run(config, workdir: str) -> TrainState:
   s, state = setup(config)
   check_memory(s, state)
   s = score_demonstrations(s)
+  target = demos.calibration_targets(s.demo_train, config.rl.rcfd_target)  # what the batches calibrate to
   wd = prepare_workdir(workdir)
   ckpt = checkpoint.Checkpointer(wd / "checkpoints", max_to_keep=config.checkpoint.keep)
   writer = metrics.MetricsWriter(wd, config.total_steps)
@@ -209,7 +208,7 @@ def run(config, workdir: str) -> TrainState:
       for step in range(start, config.total_steps):
         # Rollout, reward, update: one compiled call unless a reward needs the host.
         indices = s.batcher.indices(step)
-        batch = bridge.device_batch(s, s.batcher, indices, s.target_train)
+        batch = bridge.device_batch(s, s.batcher, indices, target)
         if steps.fused is not None:
           state, m = steps.fused(state, s.frozen, batch)
         else:

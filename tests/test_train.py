@@ -105,6 +105,29 @@ def test_end_to_end_writes_metrics_eval_and_checkpoints(reference):
   assert_same_state(saved, state)
 
 
+def test_training_batches_carry_the_calibration_target(reference, tiny_assets, tmp_path, monkeypatch):
+  """rl.rcfd_target=mean: every batch the loop feeds holds the training demonstrations' mean R_d."""
+  _, _, cache = reference  # the demonstration rewards are already cached
+  scored, fed = [], []
+  targets, device_batch = train.demos.calibration_targets, train.bridge.device_batch
+
+  def record_targets(demo_nk, target):
+    scored.append(demo_nk)
+    return targets(demo_nk, target)
+
+  def record_batch(s, batcher, indices, demo):
+    fed.append(np.asarray(demo))
+    return device_batch(s, batcher, indices, demo)
+
+  monkeypatch.setattr(train.demos, "calibration_targets", record_targets)
+  monkeypatch.setattr(train.bridge, "device_batch", record_batch)
+  train.run(tiny_config(tiny_assets, cache, **{"total_steps": 1, "rl.rcfd_target": "mean"}), str(tmp_path / "run"))
+  (demo_nk,) = scored
+  assert np.ptp(demo_nk, axis=0).max() > 0  # the prompts' own rewards differ
+  assert fed[0].shape == demo_nk.shape  # the step's batch; evaluation batches (validation demos) follow
+  np.testing.assert_allclose(fed[0], np.broadcast_to(demo_nk.mean(axis=0), demo_nk.shape), rtol=1e-6)
+
+
 # Runs main, and SIGKILLs the process itself right after metrics.jsonl gets step 3,
 # once checkpoint 2 is on disk: a crash at a known point, with no hook in the trainer.
 _KILL_AT_STEP_3 = textwrap.dedent("""

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from absl import logging
@@ -273,19 +274,30 @@ def run_job(name: str, d: Path, quick: bool, seeds: int = 1) -> None:
     run_arm(head, next(a for a in arms(quick, seeds) if a.name == tail), d, quick)
 
 
-def _start(job: Job, d: Path, quick: bool, seeds: int) -> subprocess.Popen:
-  log = d / "logs" / f"{job.name.replace('/', '.')}.log"
+def log_path(d: Path, name: str) -> Path:
+  return d / "logs" / f"{name.replace('/', '.')}.log"
+
+
+def start_child(d: Path, name: str, cmd: list[str]) -> subprocess.Popen:
+  """cmd in a child process that shares DIR/jax_cache, its output appended to DIR/logs/NAME.log."""
+  log = log_path(d, name)
   log.parent.mkdir(parents=True, exist_ok=True)
   package_root = str(Path(__file__).resolve().parents[2])
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(d / "jax_cache"), TOKENIZERS_PARALLELISM="false",
              PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
-  cmd = [sys.executable, "-m", "rcfd_jax.reproduce", f"--workdir={d}", f"--job={job.name}", f"--seeds={seeds}"]
   with log.open("ab") as out:
-    return subprocess.Popen(cmd + (["--quick"] if quick else []), stdout=out, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def run_jobs(todo: list[Job], d: Path, quick: bool, parallel: int, seeds: int = 1) -> dict[str, float]:
+def _start(job: Job, d: Path, quick: bool, seeds: int) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "rcfd_jax.reproduce", f"--workdir={d}", f"--job={job.name}", f"--seeds={seeds}"]
+  return start_child(d, job.name, cmd + (["--quick"] if quick else []))
+
+
+def run_jobs(todo: list[Job], d: Path, parallel: int, start: Callable[[Job], subprocess.Popen]) -> dict[str, float]:
   """Runs every job whose output is missing, `parallel` child processes at once; seconds per job run.
+
+  start(job) launches one (start_child: its log is DIR/logs/NAME.log).
 
   A job starts as soon as the jobs it needs are done, earliest in `todo`
   first. If one fails the others are stopped (SIGTERM: trainers checkpoint)
@@ -301,7 +313,7 @@ def run_jobs(todo: list[Job], d: Path, quick: bool, parallel: int, seeds: int = 
       for job in ready[:parallel - len(running)]:
         logging.info("starting %s", job.name)
         pending.remove(job)
-        running[job.name] = (_start(job, d, quick, seeds), time.perf_counter())
+        running[job.name] = (start(job), time.perf_counter())
       if not running:
         raise RuntimeError(f"jobs wait for jobs that are not planned: {[j.name for j in pending]}")
       time.sleep(0.2)
@@ -310,7 +322,7 @@ def run_jobs(todo: list[Job], d: Path, quick: bool, parallel: int, seeds: int = 
           continue
         del running[name]
         if proc.returncode != 0:
-          tail = (d / "logs" / f"{name.replace('/', '.')}.log").read_text(errors="replace")[-3000:]
+          tail = log_path(d, name).read_text(errors="replace")[-3000:]
           raise RuntimeError(f"{name} failed with exit code {proc.returncode}; its log ends:\n{tail}")
         seconds[name] = time.perf_counter() - t0
         done.add(name)
@@ -450,7 +462,7 @@ def reproduce(workdir: str, quick: bool = False, parallel: int = 2, seeds: int =
   timing["assets + splits"] = timing.get("assets + splits", 0.0) + time.perf_counter() - t0
   if seeds < 1:
     raise UserError(f"--seeds={seeds}; use 1 (seed 0 only) or more")
-  seconds = run_jobs(jobs(d, quick, seeds), d, quick, parallel, seeds)
+  seconds = run_jobs(jobs(d, quick, seeds), d, parallel, lambda job: _start(job, d, quick, seeds))
   for name, sec in seconds.items():
     timing[name] = timing.get(name, 0.0) + sec
   # Wall clock of the invocations that ran something; arms of extra seeds are counted apart, so
