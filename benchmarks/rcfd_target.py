@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rcfd_jax import config as config_lib  # noqa: E402
-from rcfd_jax.reproduce import run as reproduce  # noqa: E402
+from rcfd_jax.reproduce import run as reproduce, runner  # noqa: E402
 
 RUNS = [("loglik", s) for s in range(3)] + [("sentiment", s) for s in range(3)] + [
     ("loglik_voiced", 0), ("sentiment_voiced", 0)]
@@ -45,11 +45,11 @@ def command(d: Path, task: str, seed: int) -> list[str]:
 
 def run_all(d: Path, parallel: int) -> None:
   """The mean-target arms, `parallel` at a time, with the reproduction's own job runner."""
-  todo = [reproduce.Job(f"{t}/rcfd_group_mean_seed{s}", (), arm_dir(d, t, s, "mean") / "eval" / "step_200.json")
+  todo = [runner.Job(f"{t}/rcfd_group_mean_seed{s}", (), arm_dir(d, t, s, "mean") / "eval" / "step_200.json")
           for t, s in RUNS]
   by_name = {job.name: (t, s) for job, (t, s) in zip(todo, RUNS)}
-  seconds = reproduce.run_jobs(todo, d, parallel,
-                               lambda job: reproduce.start_child(d, job.name, command(d, *by_name[job.name])))
+  seconds = runner.run_jobs(todo, d, parallel,
+                            lambda job: runner.start_child(d, job.name, command(d, *by_name[job.name])))
   for name, sec in seconds.items():
     print(f"finished {name} in {sec:.0f} s", flush=True)
 

@@ -7,6 +7,7 @@ voiced one), so it builds every kind of stage and arm, rcfd_group included, two 
 import json
 
 import numpy as np
+import pytest
 
 from rcfd_jax.errors import UserError
 from rcfd_jax.reproduce import report, run
@@ -124,3 +125,8 @@ def test_extra_seeds_rerun_the_calibrated_arms_and_report_each_seed(tmp_path):
   assert by_seed["loglik"]["rcfd"][2]["sft_distinct_2"] == 0.5
   md = report.seeds_markdown(by_seed)
   assert "| loglik | rcfd_group |" in md and "seed 2" in md
+
+
+def test_an_unknown_job_name_is_one_clear_error(tmp_path):
+  with pytest.raises(UserError, match="no job 'loglik/nope' in this reproduction; pick one of plain/sft, "):
+    run.run_job("loglik/nope", tmp_path, quick=True)

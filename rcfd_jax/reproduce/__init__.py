@@ -6,6 +6,7 @@
   corpus.py    the synthetic movie-review corpus, plain and voiced regimes
   tiny.py      byte-level BPE tokenizers and random GPT-2 model directories
   prepare.py   the tiny assets (corpus, tokenizer, policy, reward model) configs/tiny.py runs on
-  run.py       every stage and arm of the comparison, each in a child process; results.json
+  run.py       every stage and arm of the comparison; results.json
+  runner.py    runs them side by side in worker processes
   report.py    results.md and the plots
 """

@@ -2,8 +2,9 @@
 
     python -m rcfd_jax.reproduce --workdir=runs/reproduce [--quick] [--parallel=2] [--seeds=3]
 
-builds everything from a seed under DIR, each stage and arm in a child process
-of its own (`--job=NAME`), up to --parallel of them at once:
+builds everything from a seed under DIR, --parallel stages and arms at once,
+in as many worker processes that run one job after another (runner.Workers;
+`--job=NAME` runs one alone):
   DIR/REGIME/assets/        corpus (rcfd_jax.reproduce.corpus.REGIMES[REGIME]), tokenizer, random
                             GPT-2s (rcfd_jax.reproduce.prepare)
   DIR/REGIME/splits/        the reviews SFT and RM train on: the corpus less every review
@@ -16,7 +17,7 @@ of its own (`--job=NAME`), up to --parallel of them at once:
   DIR/runs/TASK/METHOD/     one trainer workdir per arm (configs/reproduce.py:TASK,DIR):
                             METHOD = sft (the SFT policy itself, evaluated), max,
                             kl_BETA (one per beta in BETAS), rcfd, rcfd_group
-  DIR/logs/NAME.log         what each child process printed
+  DIR/logs/NAME.log         what each stage or arm printed (workerN.log: each worker, between jobs)
   DIR/results.json          {task: {method: {reward_mean, demo_reward_mean, demo_reward_std, alignment,
                             distinct_2, sft_distinct_2, demo_distinct_2, length_mean, kl}}}; each
                             sft entry also carries prompt_predictability
@@ -34,7 +35,7 @@ with a rating and a title in the reviewer's voice; docs/reproduce.md).
 Every arm differs from the others only in rl.objective and rl.beta. A
 finished stage or arm is reused, an interrupted one resumes from its
 checkpoint, so rerunning the command finishes what is missing and rewrites
-the reports. Children share compiled programs through DIR/jax_cache (every
+the reports. Workers share compiled programs through DIR/jax_cache (every
 task has the same shapes). --quick shrinks everything (tiny corpora, few
 steps, one beta, one task per regime): it checks the plumbing and its
 numbers mean nothing.
@@ -45,11 +46,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from absl import logging
@@ -57,6 +56,7 @@ from absl import logging
 from rcfd_jax import config as config_lib, evaluation, files, policy, prompts, supervised, train, validate
 from rcfd_jax.errors import UserError
 from rcfd_jax.reproduce import prepare, report
+from rcfd_jax.reproduce.runner import Job, Workers, run_jobs
 
 
 def load_config(name: str, arg: str):
@@ -235,13 +235,6 @@ def run_arm(task: str, arm: Arm, d: Path, quick: bool) -> None:
 # ----------------------------------------------------------------------------- jobs
 
 
-@dataclasses.dataclass(frozen=True)
-class Job:
-  name: str                # "REGIME/STAGE" or "TASK/ARM": what `--job=NAME` runs
-  needs: tuple[str, ...]   # jobs that must have finished first
-  done: Path               # exists once the job has finished
-
-
 def jobs(d: Path, quick: bool, seeds: int = 1) -> list[Job]:
   """Every stage and arm of the tasks, in the order they start once their inputs are ready.
 
@@ -266,72 +259,15 @@ def jobs(d: Path, quick: bool, seeds: int = 1) -> list[Job]:
 
 
 def run_job(name: str, d: Path, quick: bool, seeds: int = 1) -> None:
-  """One stage or arm, in this process (a child of the command)."""
+  """One stage or arm, in this process (a worker or `--job=NAME`)."""
+  names = [j.name for j in jobs(d, quick, seeds)]
+  if name not in names:
+    raise UserError(f"no job {name!r} in this reproduction; pick one of {', '.join(names)}")
   head, _, tail = name.partition("/")
   if head in REGIMES:
     supervised.run(stage_config(head, tail, d, quick), str(d / head / tail))
   else:
     run_arm(head, next(a for a in arms(quick, seeds) if a.name == tail), d, quick)
-
-
-def log_path(d: Path, name: str) -> Path:
-  return d / "logs" / f"{name.replace('/', '.')}.log"
-
-
-def start_child(d: Path, name: str, cmd: list[str]) -> subprocess.Popen:
-  """cmd in a child process that shares DIR/jax_cache, its output appended to DIR/logs/NAME.log."""
-  log = log_path(d, name)
-  log.parent.mkdir(parents=True, exist_ok=True)
-  package_root = str(Path(__file__).resolve().parents[2])
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(d / "jax_cache"), TOKENIZERS_PARALLELISM="false",
-             PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
-  with log.open("ab") as out:
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-
-def _start(job: Job, d: Path, quick: bool, seeds: int) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "rcfd_jax.reproduce", f"--workdir={d}", f"--job={job.name}", f"--seeds={seeds}"]
-  return start_child(d, job.name, cmd + (["--quick"] if quick else []))
-
-
-def run_jobs(todo: list[Job], d: Path, parallel: int, start: Callable[[Job], subprocess.Popen]) -> dict[str, float]:
-  """Runs every job whose output is missing, `parallel` child processes at once; seconds per job run.
-
-  start(job) launches one (start_child: its log is DIR/logs/NAME.log).
-
-  A job starts as soon as the jobs it needs are done, earliest in `todo`
-  first. If one fails the others are stopped (SIGTERM: trainers checkpoint)
-  and its log's end is raised.
-  """
-  done = {j.name for j in todo if j.done.exists()}
-  pending = [j for j in todo if j.name not in done]
-  running: dict[str, tuple[subprocess.Popen, float]] = {}
-  seconds = {}
-  try:
-    while pending or running:
-      ready = [j for j in pending if set(j.needs) <= done]
-      for job in ready[:parallel - len(running)]:
-        logging.info("starting %s", job.name)
-        pending.remove(job)
-        running[job.name] = (start(job), time.perf_counter())
-      if not running:
-        raise RuntimeError(f"jobs wait for jobs that are not planned: {[j.name for j in pending]}")
-      time.sleep(0.2)
-      for name, (proc, t0) in list(running.items()):
-        if proc.poll() is None:
-          continue
-        del running[name]
-        if proc.returncode != 0:
-          tail = log_path(d, name).read_text(errors="replace")[-3000:]
-          raise RuntimeError(f"{name} failed with exit code {proc.returncode}; its log ends:\n{tail}")
-        seconds[name] = time.perf_counter() - t0
-        done.add(name)
-        logging.info("finished %s in %.0f s", name, seconds[name])
-  finally:
-    for proc, _ in running.values():
-      proc.terminate()
-      proc.wait()
-  return seconds
 
 
 # ----------------------------------------------------------------------------- results
@@ -462,7 +398,9 @@ def reproduce(workdir: str, quick: bool = False, parallel: int = 2, seeds: int =
   timing["assets + splits"] = timing.get("assets + splits", 0.0) + time.perf_counter() - t0
   if seeds < 1:
     raise UserError(f"--seeds={seeds}; use 1 (seed 0 only) or more")
-  seconds = run_jobs(jobs(d, quick, seeds), d, parallel, lambda job: _start(job, d, quick, seeds))
+  serve = [sys.executable, "-m", "rcfd_jax.reproduce", f"--workdir={d}", "--serve", f"--seeds={seeds}"]
+  with Workers(d, serve + (["--quick"] if quick else [])) as workers:
+    seconds = run_jobs(jobs(d, quick, seeds), d, parallel, workers.start)
   for name, sec in seconds.items():
     timing[name] = timing.get(name, 0.0) + sec
   # Wall clock of the invocations that ran something; arms of extra seeds are counted apart, so
