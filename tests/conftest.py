@@ -7,8 +7,16 @@ import load_config`).
 
 import importlib.util
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A persistent XLA cache for each test process (pytest, or each xdist worker: two processes writing
+# one cache could read each other's half-written entries), which the subprocesses of its tests
+# inherit: a program the tiny configs share compiles once per process instead of once per test.
+# The process's own directory, removed at its end (pytest_unconfigure).
+_CACHE = tempfile.mkdtemp(prefix="rcfd_jax_tests_xla_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -52,11 +60,16 @@ def tiny_assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """Subprocess environment: the tests' precision, this checkout on the path, one compilation cache per module."""
+def env():
+  """Subprocess environment: the tests' precision, this checkout on the path, the run's compilation cache."""
   e = dict(os.environ)
   e.update(JAX_DEFAULT_MATMUL_PRECISION="highest",
-           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
            PYTHONPATH=f"{_REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   return e
+
+
+def pytest_unconfigure(config):
+  """Removes this process's XLA cache."""
+  del config
+  shutil.rmtree(_CACHE, ignore_errors=True)

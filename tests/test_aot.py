@@ -16,8 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from conftest import load_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_persistent_cache():
+  """TPU programs compiled here could not be loaded back from the tests' XLA cache (no TPU client)."""
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # the flag is read when the cache starts
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
+  compilation_cache.reset_cache()
 
 pytest.importorskip("libtpu", reason="libtpu is not installed here (pip install 'jax[tpu]==0.10.2'); "
                                       "nothing can be compiled for a TPU")

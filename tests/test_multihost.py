@@ -48,7 +48,8 @@ OVERRIDES = {
 
 
 def _env() -> dict:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # No forced device count and no persistent XLA cache: each process compiles its own programs.
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
   env.update(JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", HF_HUB_OFFLINE="1",
              TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), PYTHON=sys.executable)
   return env

@@ -52,6 +52,13 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
   assert "## The paper's checkpoint selection" in md
   assert "## How much of the demonstrations' reward the prompt predicts" in md
   assert "## Regime plain" in md and "## Regime voiced" in md and "prompt predictability" in md
+  paths = md.split("## Every evaluation: calibration against what it cost")[1].split("## Time")[0]
+  for task in run.QUICK_TASKS:  # one row per trained arm, a cell per evaluation step
+    assert f"| {task} | step 2 | step 4 |" in paths
+  group = run.arm_evals(d / "runs" / "loglik" / "rcfd_group")[0]
+  gap = (group["reward_mean"] - group["demo_reward_mean"]) / group["demo_reward_std"]
+  assert f"| rcfd_group | {gap:+.2f} / {100 * group['distinct_2'] / on_disk['loglik']['sft']['distinct_2']:.0f}%" in (
+      paths.split("| sentiment_voiced |")[0])
   for task in run.QUICK_TASKS:
     q = json.loads((d / "runs" / task / "sft" / "demos.json").read_text())
     assert -1 <= q["prompt_corr"] <= 1 and q["samples_per_prompt"] == run.PREDICTABILITY_SAMPLES

@@ -66,6 +66,7 @@ def markdown(results: dict, best: dict, extras: dict, targets, best_targets, tim
     q = extras[task]["predictability"]
     lines.append(f"| {task} | {q['prompt_corr']:+.3f} ({q['samples_per_prompt']} completions per prompt) | "
                  f"{q['sft_within_prompt_std']:.3f} | {q['sft_between_prompt_std']:.3f} | {q['demo_std']:.3f} |")
+  lines += _paths(results, extras)
   jobs_s = {k: v for k, v in timing.items() if "/" in k}
   lines += ["", "## Time", ""]
   for total, load in (("total", "load"), ("total with extra seeds", "load with extra seeds")):
@@ -85,6 +86,25 @@ def markdown(results: dict, best: dict, extras: dict, targets, best_targets, tim
       lines += [f"- _{s['prompt']}_ {s['completion']}".replace("\n", " ") for s in samples[:3]]
       lines.append("")
   return "\n".join(lines) + "\n"
+
+
+def _paths(results: dict, extras: dict) -> list[str]:
+  """Every evaluation of each trained arm: how far it has calibrated, and what that cost so far."""
+  lines = ["", "## Every evaluation: calibration against what it cost", "",
+           "Per arm and evaluation step: (reward - demo mean) / demo std, distinct-2 as a share of the SFT",
+           "policy's, KL(pi || pi_SFT) in nats. Arms that pass the same gap can be compared there.", ""]
+  for task in results:
+    evals = extras[task]["evals"]
+    steps = sorted({ev["step"] for rows in evals.values() for ev in rows})
+    lines += [f"| {task} | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for name, rows in evals.items():
+      by_step = {ev["step"]: ev for ev in rows}
+      cells = [f"{(m['reward_mean'] - m['demo_reward_mean']) / m['demo_reward_std']:+.2f} / "
+               f"{100 * m['distinct_2'] / m['sft_distinct_2']:.0f}% / {m['kl']:.1f}" if (m := by_step.get(s))
+               else "-" for s in steps]
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+  return lines
 
 
 def plot(results: dict, extras: dict, path: Path) -> None:

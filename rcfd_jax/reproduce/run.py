@@ -293,7 +293,8 @@ def arm_evals(wd: Path) -> list[dict]:
 def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
   """(results.json: after the last step, results_best.json: the paper's selected checkpoint, extras).
 
-  extras holds the samples, demo lengths, training curves and predictability figures.
+  extras holds the samples, demo lengths, training curves, every evaluation of each trained arm
+  (as results rows with their step) and the predictability figures.
   """
   results, best, extras = {}, {}, {}
   for task in tasks(quick):
@@ -301,7 +302,7 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
     demos = json.loads((sft_dir / "demos.json").read_text())
     sft = json.loads((sft_dir / "eval" / "step_0.json").read_text())
     results[task], best[task] = {}, {}
-    extras[task] = {"demo_length_mean": demos["demo_length_mean"], "samples": {}, "curves": {},
+    extras[task] = {"demo_length_mean": demos["demo_length_mean"], "samples": {}, "curves": {}, "evals": {},
                     "predictability": {k: demos[k] for k in PREDICTABILITY_KEYS}}
     extra = {"sft_distinct_2": sft["distinct_2"], "demo_distinct_2": demos["demo_distinct_2"]}
 
@@ -322,6 +323,7 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
       extras[task]["samples"][arm.name] = last.get("samples", [])
       if arm.objective:
         extras[task]["curves"][arm.name] = _curve(wd / "metrics.jsonl")
+        extras[task]["evals"][arm.name] = [row(ev) | {"step": ev["step"]} for ev in evals]
   return results, best, extras
 
 
