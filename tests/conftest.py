@@ -61,7 +61,7 @@ def tiny_assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env():
-  """Subprocess environment: the tests' precision, this checkout on the path, the run's compilation cache."""
+  """Subprocess environment: the tests' precision, this checkout on the path, this process's XLA cache."""
   e = dict(os.environ)
   e.update(JAX_DEFAULT_MATMUL_PRECISION="highest",
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
