@@ -218,7 +218,7 @@ def run_jobs(todo: list[Job], d: Path, parallel: int, start: Callable[[Job], sub
   """
   done = {j.name for j in todo if j.done.exists()}
   pending = [j for j in todo if j.name not in done]
-  running: dict[str, tuple[subprocess.Popen, float]] = {}
+  running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
   seconds = {}
   try:
     while pending or running:
@@ -226,15 +226,14 @@ def run_jobs(todo: list[Job], d: Path, parallel: int, start: Callable[[Job], sub
       for job in ready[:parallel - len(running)]:
         logging.info("starting %s", job.name)
         pending.remove(job)
-        running[job.name] = (start(job), time.perf_counter())
+        running[job.name] = (job, start(job), time.perf_counter())
       if not running:
         raise RuntimeError(f"jobs wait for jobs that are not planned: {[j.name for j in pending]}")
       time.sleep(0.2)
-      for name, (proc, t0) in list(running.items()):
+      for name, (job, proc, t0) in list(running.items()):
         if proc.poll() is None:
           continue
         del running[name]
-        job = next(j for j in todo if j.name == name)
         if proc.returncode != 0 or not job.done.exists():
           tail = log_path(d, name).read_text(errors="replace")[-3000:]
           what = f"failed with exit code {proc.returncode}" if proc.returncode else f"ended without {job.done}"
@@ -243,7 +242,7 @@ def run_jobs(todo: list[Job], d: Path, parallel: int, start: Callable[[Job], sub
         done.add(name)
         logging.info("finished %s in %.0f s", name, seconds[name])
   finally:
-    for proc, _ in running.values():
+    for _, proc, _ in running.values():
       proc.terminate()
       proc.wait()
   return seconds
