@@ -155,6 +155,7 @@ def test_killed_process_stops_the_other(tiny_assets, tmp_path):
 
 
 _SLURM_PROGRAM = """
+import sys
 from rcfd_jax import config, distributed
 c = config.base().distributed
 c.num_cpu_devices, c.heartbeat_timeout_s, c.shutdown_timeout_s = 2, 10, 10
@@ -163,12 +164,14 @@ distributed.initialize(c)
 import jax, jax.numpy as jnp
 from jax.experimental import multihost_utils
 ids = multihost_utils.process_allgather(jnp.array([jax.process_index()]))
-print("joined", jax.process_index(), jax.process_count(), jax.device_count(), ids.ravel().tolist())
+line = f"joined {jax.process_index()} {jax.process_count()} {jax.device_count()} {ids.ravel().tolist()}"
+with open(sys.argv[1], "w") as f:  # not stdout: gloo's native prints can land inside a Python line there
+  f.write(line)
 distributed.shutdown()
 """
 
 
-def test_slurm_environment_is_autodetected():
+def test_slurm_environment_is_autodetected(tmp_path):
   """What srun sets for 2 tasks on one node: JAX finds coordinator, count and id by itself."""
   port = str(_free_port())  # otherwise JAX derives the coordinator port from the job id
   procs = []
@@ -176,7 +179,7 @@ def test_slurm_environment_is_autodetected():
     env = dict(_env(), JAX_COORDINATOR_PORT=port, SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost",
                SLURM_NTASKS="2",
                SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES="1")
-    procs.append(subprocess.Popen([sys.executable, "-c", _SLURM_PROGRAM], cwd=REPO, env=env,
+    procs.append(subprocess.Popen([sys.executable, "-c", _SLURM_PROGRAM, str(tmp_path / f"joined{i}")], cwd=REPO, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   try:
     outs = [p.communicate(timeout=90) for p in procs]
@@ -186,4 +189,4 @@ def test_slurm_environment_is_autodetected():
         p.kill()
   for i, (p, (out, err)) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, err[-3000:]
-    assert f"joined {i} 2 4 [0, 1]" in out
+    assert (tmp_path / f"joined{i}").read_text() == f"joined {i} 2 4 [0, 1]", out[-3000:]
