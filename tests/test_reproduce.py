@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rcfd_jax.errors import UserError
-from rcfd_jax.reproduce import report, run
+from rcfd_jax.reproduce import frontier, report, run
 
 
 def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
@@ -90,6 +90,27 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
   (d / "results.json").unlink()
   assert run.reproduce(str(d), quick=True) == results
   assert {p: p.stat().st_mtime for p in (d / "runs").rglob("step_*.json")} == mtimes
+
+  # The loglik frontier: the SFT policy sharpened, evaluated like the arms, every arm placed against it.
+  fr = frontier.main(str(d), quick=True)
+  assert list(fr) == ["loglik"]
+  f = fr["loglik"]
+  assert [p["temperature"] for p in f["points"]] == list(frontier.QUICK_TEMPERATURES) == [1.0, 0.5]
+  assert f["sft_matches_results"] and f["points"][0]["distinct_2"] == on_disk["loglik"]["sft"]["distinct_2"]
+  assert f["points"][1]["reward_mean"] > f["points"][0]["reward_mean"]  # sharper: likelier under pi_0
+  assert list(f["arms"]) == methods[1:]
+  assert all([e["step"] for e in evals] == [2, 4] for evals in f["arms"].values())
+  assert f["entropy_ceiling"] == -on_disk["loglik"]["sft"]["demo_reward_mean"]
+  assert json.loads((d / "frontier.json").read_text()) == fr
+  assert "| max | " in (d / "frontier.md").read_text()
+
+
+def test_frontier_interpolates_between_the_points_that_bracket_a_gap():
+  points = [(-1.0, 1.0), (0.5, 0.7), (-0.2, 0.9)]  # any order
+  assert frontier.interpolate(points, -0.6) == pytest.approx(0.95)
+  assert frontier.interpolate(points, 0.0) == pytest.approx(0.9 - 0.2 * 0.2 / 0.7)
+  assert frontier.interpolate(points, 0.5) == pytest.approx(0.7)
+  assert frontier.interpolate(points, 0.6) is None and frontier.interpolate(points, -1.1) is None
 
 
 def test_checkpoint_selection_maximizes_each_arms_own_training_reward():
