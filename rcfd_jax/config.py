@@ -79,8 +79,9 @@ def base() -> ml_collections.ConfigDict:
                                     # | mean (the training demonstrations' mean R_d; demos.calibration_targets)
   c.rl.beta = 0.0                   # KL coefficient for objective=kl (initial value when adaptive)
   c.rl.kl_estimator = "k1"          # k1 | k2 | k3, per token, summed over the sequence
-  c.rl.adaptive_kl = False          # adapt beta towards kl_target
-  c.rl.kl_target = 6.0              # target sequence KL for the adaptive controller
+  c.rl.adaptive_kl = False          # adapt beta after every step (objective kl), on adaptive_kl_signal
+  c.rl.adaptive_kl_signal = "kl"    # kl: toward kl_target | demo_reward: toward the demonstrations' mean reward
+  c.rl.kl_target = 6.0              # target sequence KL for the adaptive controller (signal kl)
   c.rl.kl_horizon = 10000.0         # controller horizon in samples
   c.rl.alpha = (1.0,)               # objective=weighted: one weight per reward source
   c.rl.clip_eps = 0.3               # PPO ratio clip (paper: 0.3)
@@ -162,6 +163,11 @@ def check(c: ml_collections.ConfigDict) -> None:
   need(c.rl.algorithm in ALGORITHMS, f"config.rl.algorithm={c.rl.algorithm!r}; use one of {ALGORITHMS}")
   need(c.rl.baseline in BASELINES, f"config.rl.baseline={c.rl.baseline!r}; use {'|'.join(BASELINES)}")
   need(c.rl.kl_estimator in ("k1", "k2", "k3"), f"config.rl.kl_estimator={c.rl.kl_estimator!r}; use k1|k2|k3")
+  need(c.rl.adaptive_kl_signal in ("kl", "demo_reward"),
+       f"config.rl.adaptive_kl_signal={c.rl.adaptive_kl_signal!r}; use kl|demo_reward")
+  need(c.rl.adaptive_kl_signal == "kl" or (c.rl.adaptive_kl and c.rl.objective == "kl" and c.rl.beta > 0),
+       "config.rl.adaptive_kl_signal=demo_reward moves the kl objective's beta: set config.rl.objective=kl, "
+       "config.rl.adaptive_kl=True and a starting config.rl.beta > 0")
   need(c.rl.loss_agg in ("token_mean", "seq_mean"), f"config.rl.loss_agg={c.rl.loss_agg!r}")
   need(c.model.dtype in DTYPES, f"config.model.dtype={c.model.dtype!r}; use {'|'.join(DTYPES)}")
   need(c.policy.path != "", "config.policy.path is empty; set it to a HF model directory or hub id")

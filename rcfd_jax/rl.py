@@ -289,6 +289,29 @@ def adaptive_kl(beta: Array | float, observed_kl: Array | float, target: float,
   return beta * (1.0 + error * n_steps / horizon)
 
 
+def demo_calibrated_kl(beta: Array | float, reward_b: Array, demo_reward_b: Array, horizon: float,
+                       n_steps: int | Array, eps: float = 1e-8) -> Array:
+  """The next beta, moved to pull the batch's mean reward to its demonstrations' mean.
+
+  gap = (mean R - mean R_d) / (std R_d + eps) over the batch, and
+  beta <- beta * (1 + clip(gap, -0.2, 0.2) * n_steps / horizon), as adaptive_kl
+  does with the KL. Above the demonstrations beta grows (more anchor), below
+  it shrinks (more reward). Its fixed point is the beta* at which the
+  maximizer of R - beta * KL(pi || pi_0), pi ~ pi_0 exp(R / beta*), scores
+  the demonstrations' mean: of all policies with that mean reward, the one
+  of least KL to pi_0. The demonstrations set the target; no KL value is
+  chosen by hand.
+
+  Args:
+    reward_b: [B] the policy's rewards (summed over sources, as the kl objective sums them).
+    demo_reward_b: [B] the demonstration reward of each rollout's prompt.
+  """
+  reward_b = jnp.asarray(reward_b, jnp.float32)
+  demo_reward_b = jnp.asarray(demo_reward_b, jnp.float32)
+  gap = (reward_b.mean() - demo_reward_b.mean()) / (demo_reward_b.std() + eps)
+  return beta * (1.0 + jnp.clip(gap, -0.2, 0.2) * n_steps / horizon)
+
+
 # ----------------------------------------------------------------------------
 # Advantages
 

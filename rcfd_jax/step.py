@@ -94,6 +94,7 @@ class StepConfig:
   baseline: Baseline = _from("rl.baseline")     # gae: a value head
   kl_estimator: str = _from("rl.kl_estimator")  # k1 | k2 | k3
   adaptive_kl: bool = _from("rl.adaptive_kl")
+  adaptive_kl_signal: str = _from("rl.adaptive_kl_signal")  # kl | demo_reward
   kl_target: float = _from("rl.kl_target")
   kl_horizon: float = _from("rl.kl_horizon")
   alpha: tuple[float, ...] = _from("rl.alpha")
@@ -382,7 +383,10 @@ def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | 
   params, opt_state = _keep_where(ok, params, state.params), _keep_where(ok, opt_state, state.opt_state)
   kl_mean = rl.sequence_kl(ro.logp, ro.ref_logp, ro.mask, "k1").mean()
   beta = state.beta
-  if sc.adaptive_kl:
+  if sc.adaptive_kl and sc.adaptive_kl_signal == "demo_reward":
+    moved = rl.demo_calibrated_kl(beta, reward_bk.sum(-1), ro.demo_reward.sum(-1), sc.kl_horizon, n)
+    beta = jnp.where(ok, moved, beta)
+  elif sc.adaptive_kl:
     beta = jnp.where(ok, rl.adaptive_kl(beta, kl_mean, sc.kl_target, sc.kl_horizon, n), beta)
   new_state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state, beta=beta,

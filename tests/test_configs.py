@@ -74,6 +74,20 @@ def test_rcfd_group_takes_no_other_baseline():
       config_lib.check(c)
 
 
+def test_demo_reward_controller_needs_the_adaptive_kl_objective():
+  c = load_config("tiny", {"rl.objective": "kl", "rl.beta": 0.1, "rl.adaptive_kl": True,
+                           "rl.adaptive_kl_signal": "demo_reward"})
+  config_lib.check(c)
+  for field, value in [("rl.objective", "rcfd"), ("rl.adaptive_kl", False), ("rl.beta", 0.0)]:
+    bad = load_config("tiny", {"rl.objective": "kl", "rl.beta": 0.1, "rl.adaptive_kl": True,
+                               "rl.adaptive_kl_signal": "demo_reward", field: value})
+    with pytest.raises(UserError, match="objective=kl, config.rl.adaptive_kl=True"):
+      config_lib.check(bad)
+  c.rl.adaptive_kl_signal = "reward"
+  with pytest.raises(UserError, match="use kl|demo_reward"):
+    config_lib.check(c)
+
+
 def test_experiment_file_finds_every_config_by_name():
   assert {"reproduce", "sft_tiny", "rm_tiny", *RL_CONFIGS} <= set(NAMES)
   for name in NAMES:

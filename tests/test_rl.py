@@ -196,6 +196,22 @@ def test_adaptive_kl_matches_formula_and_direction():
   assert float(rl.adaptive_kl(beta, 6.0, 6.0, 1000, 100)) == pytest.approx(0.1)
 
 
+def test_demo_calibrated_kl_matches_formula_and_direction():
+  rng = np.random.default_rng(0)
+  reward = rng.normal(size=64)
+  beta = jnp.asarray(0.1, jnp.float32)
+  for offset, spread, n, horizon in [(0.05, 1.0, 64, 640), (-0.03, 2.0, 64, 640), (1.5, 1.0, 64, 640),
+                                     (-3.0, 0.5, 32, 100)]:
+    demo = reward.mean() - offset + spread * rng.normal(size=64)  # the policy `offset` above, roughly
+    gap = (reward.mean() - demo.mean()) / demo.std()
+    want = 0.1 * (1 + min(max(gap, -0.2), 0.2) * n / horizon)
+    got = rl.demo_calibrated_kl(beta, reward, demo, horizon=horizon, n_steps=n)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  above, below = reward.mean() - 1.0 + 0 * reward, reward.mean() + 1.0 + 0.1 * reward
+  assert float(rl.demo_calibrated_kl(beta, reward, above, 640, 64)) == pytest.approx(0.1 * 1.02)  # clipped
+  assert float(rl.demo_calibrated_kl(beta, reward, below, 640, 64)) == pytest.approx(0.1 * 0.98)
+
+
 # ---------------------------------------------------------------------------
 # Advantages
 
@@ -385,6 +401,7 @@ def test_everything_jits():
       "weighted": (rl.weighted, (r_bk, jnp.array([1.0, 0.5]))),
       "rcfd": (rl.rcfd, (r_bk, r_bk * 0.5)),
       "adaptive_kl": (rl.adaptive_kl, (jnp.asarray(0.1, jnp.float32), 3.0, 6.0, 1e4, 256)),
+      "demo_calibrated_kl": (rl.demo_calibrated_kl, (jnp.asarray(0.1, jnp.float32), r_b, r_b + 1.0, 640.0, 64)),
       "whiten": (rl.whiten, (r_b,)),
       "leave_one_out": (rl.leave_one_out, (r_bk,)),
       "place_at_last": (rl.place_at_last, (r_b, mask)),

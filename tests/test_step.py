@@ -61,6 +61,7 @@ def test_step_config_reads_each_field_from_its_config_entry():
       samples_per_prompt=3, max_new_tokens=11, temperature=c.rollout.temperature, top_k=5,
       top_p=c.rollout.top_p, eos_id=2, pad_id=0, objective=c.rl.objective, algorithm=c.rl.algorithm,
       baseline=c.rl.baseline, kl_estimator=c.rl.kl_estimator, adaptive_kl=c.rl.adaptive_kl,
+      adaptive_kl_signal=c.rl.adaptive_kl_signal,
       kl_target=c.rl.kl_target, kl_horizon=c.rl.kl_horizon, alpha=(1.0, 0.5), ppo_epochs=2, minibatches=6,
       grad_accum=4, clip_eps=0.35, value_clip=0.25, vf_coef=c.rl.ppo.vf_coef, gamma=c.rl.ppo.gamma,
       lam=c.rl.ppo.lam, loss_agg=c.rl.loss_agg, metrics_every=7, total_steps=9)
@@ -342,6 +343,29 @@ def test_grad_accum_gives_the_whole_batch_update(reinforce, loss_agg):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
     deltas.append(float(np.abs(np.asarray(a) - np.asarray(p0)).max()))
   assert max(deltas) > 1e-4
+
+
+def test_demo_reward_controller_moves_beta_by_the_batchs_gap_to_its_demonstrations(reinforce):
+  """adaptive_kl_signal=demo_reward: the update moves beta as rl.demo_calibrated_kl says, on this batch."""
+  s, state = reinforce
+  batch = bridge.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  ro = jax.jit(make_rollout(s.parts, s.rewards, s.sc))(state, s.frozen, batch)
+  state = state.replace(beta=jnp.asarray(0.1, jnp.float32))
+  sc = dataclasses.replace(s.sc, objective="kl", adaptive_kl=True, adaptive_kl_signal="demo_reward",
+                           kl_horizon=640.0)
+  update = jax.jit(make_update(s.parts, s.rewards, optax.sgd(1e-3), sc))
+  reward_b = np.asarray(s.rewards.stack(ro.rewards)).sum(-1)
+  n = reward_b.shape[0]
+  spread = np.linspace(-1.0, 1.0, n, dtype=np.float32)[:, None]  # std 0.58: shifts of 0.05 are not clipped
+  for shift, direction in [(-0.05, 1), (0.05, -1), (-3.0, 1), (3.0, -1)]:  # demonstrations below / above
+    demo_bk = np.broadcast_to(reward_b.mean() + shift + spread, ro.demo_reward.shape).astype(np.float32)
+    new, _ = update(state.replace(opt_state=optax.sgd(1e-3).init(state.params)), s.frozen,
+                    ro.replace(demo_reward=jnp.asarray(demo_bk)), None)
+    d = demo_bk.sum(-1)
+    gap = (reward_b.mean() - d.mean()) / d.std()
+    want = 0.1 * (1 + np.clip(gap, -0.2, 0.2) * n / 640.0)
+    np.testing.assert_allclose(float(new.beta), want, rtol=1e-4)
+    assert np.sign(float(new.beta) - 0.1) == direction
 
 
 def test_bfloat16_lora_with_accumulation_trains(tiny_assets, cache):

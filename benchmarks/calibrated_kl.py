@@ -1,0 +1,99 @@
+"""The least-KL calibration: objective kl with a beta the demonstrations set (docs/reproduce.md).
+
+    python -m rcfd_jax.reproduce --workdir=DIR --seeds=3     # first: assets, stages, the arms compared
+    python -m rcfd_jax.reproduce.frontier --workdir=DIR      # the loglik frontier, read if present
+    python benchmarks/calibrated_kl.py --workdir=DIR [--seeds=3]
+
+runs objective kl with rl.adaptive_kl=True and rl.adaptive_kl_signal=demo_reward
+(beta starts at 0.1 and moves by at most 2% a step: kl_horizon 640 rollouts),
+everything else as the reproduction's arms, on the four tasks for each seed
+below --seeds (DIR/runs/TASK/kl_demo_seedS), two at a time, reusing
+DIR/jax_cache; finished arms are reused. Then prints, per task and seed, its
+gap / A / distinct-2 share / KL / last beta after the last step beside
+rcfd_group's (when that seed of rcfd_group ran), the rcfd_group targets met,
+and on the loglik tasks the frontier's distinct-2 share at its gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rcfd_jax import config as config_lib  # noqa: E402
+from rcfd_jax.reproduce import frontier, run as reproduce, runner  # noqa: E402
+
+BETA0 = 0.1        # the stronger kl arm's beta
+HORIZON = 640.0    # rollouts: 64 a step, so beta moves by at most 0.2 * 64 / 640 = 2% a step
+TASKS = ("loglik", "sentiment", "loglik_voiced", "sentiment_voiced")
+
+
+def arm_dir(d: Path, task: str, seed: int, method: str) -> Path:
+  if method == "kl_demo":
+    return d / "runs" / task / f"kl_demo_seed{seed}"
+  return d / "runs" / task / (method if seed == 0 else f"{method}_seed{seed}")
+
+
+def command(d: Path, task: str, seed: int) -> list[str]:
+  return [sys.executable, "-m", "rcfd_jax.main", f"--config={config_lib.experiment_file('reproduce')}:{task},{d}",
+          "--config.rl.objective=kl", f"--config.rl.beta={BETA0}", "--config.rl.adaptive_kl=True",
+          "--config.rl.adaptive_kl_signal=demo_reward", f"--config.rl.kl_horizon={HORIZON}",
+          f"--config.seed={seed}", f"--workdir={arm_dir(d, task, seed, 'kl_demo')}"]
+
+
+def run_all(d: Path, runs: list[tuple[str, int]], parallel: int) -> None:
+  todo = [runner.Job(f"{t}/kl_demo_seed{s}", (), arm_dir(d, t, s, "kl_demo") / "eval" / "step_200.json")
+          for t, s in runs]
+  by_name = {job.name: ts for job, ts in zip(todo, runs)}
+  seconds = runner.run_jobs(todo, d, parallel,
+                            lambda job: runner.start_child(d, job.name, command(d, *by_name[job.name])))
+  for name, sec in seconds.items():
+    print(f"finished {name} in {sec:.0f} s", flush=True)
+
+
+def row(d: Path, task: str, seed: int, method: str) -> dict | None:
+  wd = arm_dir(d, task, seed, method)
+  if not (wd / "eval").exists():
+    return None
+  last = reproduce.arm_evals(wd)[-1]
+  sft = json.loads((d / "runs" / task / "sft" / "eval" / "step_0.json").read_text())
+  beta = json.loads((wd / "metrics.jsonl").read_text().splitlines()[-1]).get("beta", float("nan"))
+  return {"gap": frontier.gap(last), "alignment": last["alignment"], "sft_alignment": sft["alignment"],
+          "distinct_share": last["distinct_2"] / sft["distinct_2"], "kl": last["kl"], "beta": beta}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--workdir", required=True, help="The reproduction's DIR, after `rcfd_jax.reproduce`.")
+  ap.add_argument("--seeds", type=int, default=1, help="Seeds 0 .. S-1 of every task.")
+  ap.add_argument("--parallel", type=int, default=2)
+  args = ap.parse_args()
+  d = Path(args.workdir)
+  if not (d / "runs").exists():
+    sys.exit(f"{d} holds no reproduction: run `python -m rcfd_jax.reproduce --workdir={d}` first")
+  runs = [(t, s) for s in range(args.seeds) for t in TASKS]
+  run_all(d, runs, args.parallel)
+  edges = json.loads((d / "frontier.json").read_text()) if (d / "frontier.json").exists() else {}
+  print("| task | seed | method | gap | A (SFT) | distinct-2 vs SFT | frontier at gap | KL | beta | targets met |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for task, seed in sorted(runs, key=lambda ts: (TASKS.index(ts[0]), ts[1])):
+    for method in ("kl_demo", "rcfd_group"):
+      r = row(d, task, seed, method)
+      if r is None:
+        print(f"| {task} | {seed} | {method} | (no run) |||||||")
+        continue
+      met = (abs(r["gap"]) <= 0.1) + (r["alignment"] <= r["sft_alignment"]) + (r["distinct_share"] >= 0.8)
+      curve = [(p["gap"], p["distinct_share"]) for p in edges.get(task, {}).get("points", [])]
+      edge = frontier.interpolate(curve, r["gap"]) if curve else None
+      beta = f"{r['beta']:.3f}" if method == "kl_demo" else "-"
+      print(f"| {task} | {seed} | {method} | {r['gap']:+.2f} | {r['alignment']:.3f} ({r['sft_alignment']:.3f}) "
+            f"| {r['distinct_share']:.0%} | {'-' if edge is None else f'{edge:.0%}'} | {r['kl']:.1f} | {beta} "
+            f"| {met} of 3 |")
+
+
+if __name__ == "__main__":
+  main()
