@@ -46,24 +46,17 @@ def command(d: Path, task: str, seed: int) -> list[str]:
 
 
 def run_all(d: Path, runs: list[tuple[str, int]], parallel: int) -> None:
-  todo = [runner.Job(f"{t}/kl_demo_seed{s}", (), arm_dir(d, t, s, "kl_demo") / "eval" / "step_200.json")
-          for t, s in runs]
-  by_name = {job.name: ts for job, ts in zip(todo, runs)}
-  seconds = runner.run_jobs(todo, d, parallel,
-                            lambda job: runner.start_child(d, job.name, command(d, *by_name[job.name])))
-  for name, sec in seconds.items():
-    print(f"finished {name} in {sec:.0f} s", flush=True)
+  runner.run_commands(d, {f"{t}/kl_demo_seed{s}": (command(d, t, s), arm_dir(d, t, s, "kl_demo") / "eval" /
+                                                   "step_200.json") for t, s in runs}, parallel)
 
 
 def row(d: Path, task: str, seed: int, method: str) -> dict | None:
+  """The arm's last evaluation (reproduce.last_row), with the beta of its last logged step."""
   wd = arm_dir(d, task, seed, method)
-  if not (wd / "eval").exists():
-    return None
-  last = reproduce.arm_evals(wd)[-1]
-  sft = json.loads((d / "runs" / task / "sft" / "eval" / "step_0.json").read_text())
-  beta = json.loads((wd / "metrics.jsonl").read_text().splitlines()[-1]).get("beta", float("nan"))
-  return {"gap": frontier.gap(last), "alignment": last["alignment"], "sft_alignment": sft["alignment"],
-          "distinct_share": last["distinct_2"] / sft["distinct_2"], "kl": last["kl"], "beta": beta}
+  r = reproduce.last_row(d, task, wd)
+  if r is not None:
+    r["beta"] = json.loads((wd / "metrics.jsonl").read_text().splitlines()[-1]).get("beta", float("nan"))
+  return r
 
 
 def main() -> None:

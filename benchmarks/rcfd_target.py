@@ -17,7 +17,6 @@ line per task and seed:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -45,25 +44,12 @@ def command(d: Path, task: str, seed: int) -> list[str]:
 
 def run_all(d: Path, parallel: int) -> None:
   """The mean-target arms, `parallel` at a time, with the reproduction's own job runner."""
-  todo = [runner.Job(f"{t}/rcfd_group_mean_seed{s}", (), arm_dir(d, t, s, "mean") / "eval" / "step_200.json")
-          for t, s in RUNS]
-  by_name = {job.name: (t, s) for job, (t, s) in zip(todo, RUNS)}
-  seconds = runner.run_jobs(todo, d, parallel,
-                            lambda job: runner.start_child(d, job.name, command(d, *by_name[job.name])))
-  for name, sec in seconds.items():
-    print(f"finished {name} in {sec:.0f} s", flush=True)
+  runner.run_commands(d, {f"{t}/rcfd_group_mean_seed{s}": (command(d, t, s), arm_dir(d, t, s, "mean") / "eval" /
+                                                            "step_200.json") for t, s in RUNS}, parallel)
 
 
 def row(d: Path, task: str, seed: int, target: str) -> dict | None:
-  wd = arm_dir(d, task, seed, target)
-  if not (wd / "eval").exists():
-    return None
-  last = reproduce.arm_evals(wd)[-1]
-  sft = json.loads((d / "runs" / task / "sft" / "eval" / "step_0.json").read_text())
-  return {"step": last["step"], "gap": (last["reward_mean"] - last["demo_reward_mean"]) / last["demo_reward_std"],
-          "alignment": last["alignment"], "sft_alignment": sft["alignment"],
-          "distinct_share": last["distinct_2"] / sft["distinct_2"], "kl": last["kl"],
-          "prompt_corr": last.get("prompt_corr", float("nan"))}
+  return reproduce.last_row(d, task, arm_dir(d, task, seed, target))
 
 
 def main() -> None:

@@ -81,3 +81,15 @@ def test_jobs_that_wait_for_unplanned_jobs_are_refused(tmp_path):
   with workers(tmp_path) as w:
     with pytest.raises(RuntimeError, match="not planned"):
       runner.run_jobs([Job("a", ("missing",), tmp_path / "a.done")], tmp_path, 2, w.start)
+
+
+def test_run_commands_runs_each_missing_command_in_a_process_of_its_own(tmp_path, capsys):
+  write = "import sys; from pathlib import Path; print('wrote', sys.argv[1]); Path(sys.argv[1]).write_text('x')"
+  commands = {name: ([sys.executable, "-c", write, str(tmp_path / f"{name}.done")], tmp_path / f"{name}.done")
+              for name in ("a", "b", "c")}
+  (tmp_path / "b.done").write_text("earlier")  # finished before: reused, not rerun
+  seconds = runner.run_commands(tmp_path, commands, parallel=2)
+  assert sorted(seconds) == ["a", "c"] and (tmp_path / "b.done").read_text() == "earlier"
+  assert all((tmp_path / f"{n}.done").read_text() == "x" for n in ("a", "c"))
+  assert f"wrote {tmp_path / 'a.done'}" in runner.log_path(tmp_path, "a").read_text()
+  assert "finished a in" in capsys.readouterr().out

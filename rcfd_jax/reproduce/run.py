@@ -327,6 +327,18 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
   return results, best, extras
 
 
+def last_row(d: Path, task: str, wd: Path) -> dict | None:
+  """An arm's last evaluation against the task's SFT policy: gap (in demo std), A, distinct-2 share, KL."""
+  if not (wd / "eval").exists():
+    return None
+  last = arm_evals(wd)[-1]
+  sft = json.loads((d / "runs" / task / "sft" / "eval" / "step_0.json").read_text())
+  return {"step": last["step"], "gap": (last["reward_mean"] - last["demo_reward_mean"]) / last["demo_reward_std"],
+          "alignment": last["alignment"], "sft_alignment": sft["alignment"],
+          "distinct_share": last["distinct_2"] / sft["distinct_2"], "kl": last["kl"],
+          "prompt_corr": last.get("prompt_corr", float("nan"))}
+
+
 def seed_rows(d: Path, quick: bool, seeds: int, results: dict) -> dict:
   """{task: {method: [results row of seed 0, 1, ...]}} for SEED_METHODS, after the last step."""
   out = {}

@@ -246,3 +246,17 @@ def run_jobs(todo: list[Job], d: Path, parallel: int, start: Callable[[Job], sub
       proc.terminate()
       proc.wait()
   return seconds
+
+
+def run_commands(d: Path, commands: dict[str, tuple[list[str], Path]], parallel: int) -> dict[str, float]:
+  """{name: (command line, the file it writes last)}: run_jobs over processes of their own.
+
+  For experiments beside the reproduction (benchmarks/): each command runs in
+  a child that shares DIR/jax_cache, logs to DIR/logs/NAME.log, and is
+  skipped when its file exists. Prints and returns seconds per command run.
+  """
+  todo = [Job(name, (), done) for name, (_, done) in commands.items()]
+  seconds = run_jobs(todo, d, parallel, lambda job: start_child(d, job.name, commands[job.name][0]))
+  for name, sec in seconds.items():
+    print(f"finished {name} in {sec:.0f} s", flush=True)
+  return seconds
