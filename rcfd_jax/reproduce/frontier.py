@@ -15,7 +15,8 @@ On every loglik task this evaluates the SFT policy as the reproduction
 evaluates every arm, at each of TEMPERATURES (DIR/frontier/TASK/tT, reused
 when present), reads the frontier's distinct-2 share at the demonstrations'
 level (gap 0), and places every evaluation of every trained arm above or
-below the frontier at its own gap. Writes DIR/frontier.json and
+below the frontier at its own gap (the extra seeds' arms too, when
+`--seeds` ran them). Writes DIR/frontier.json and
 DIR/frontier.md, and prints the latter. Temperature 1 is the SFT row of
 results.json, to the last digit.
 """
@@ -32,6 +33,7 @@ from rcfd_jax.reproduce import run
 
 TEMPERATURES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 QUICK_TEMPERATURES = (1.0, 0.5)
+SEEDS = 3   # arms of seeds 1 .. SEEDS - 1 (`rcfd_jax.reproduce --seeds`) are placed too, when present
 KEEP = 0.8  # the share of the SFT policy's distinct-2 that the targets ask of rcfd_group
 
 
@@ -82,8 +84,8 @@ def frontier(d: Path, quick: bool) -> dict:
                      "reward_mean": ev["reward_mean"], "distinct_2": ev["distinct_2"]})
     curve = [(p["gap"], p["distinct_share"]) for p in points]
     arms = {}
-    for arm in run.arms(quick):
-      if not arm.objective:
+    for arm in run.arms(quick, SEEDS):  # the extra seeds' arms too, where --seeds ran them
+      if not arm.objective or not (d / "runs" / task / arm.name / "eval").exists():
         continue
       arms[arm.name] = []
       for ev in run.arm_evals(d / "runs" / task / arm.name):
