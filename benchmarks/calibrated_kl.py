@@ -2,12 +2,14 @@
 
     python -m rcfd_jax.reproduce --workdir=DIR --seeds=3     # first: assets, stages, the arms compared
     python -m rcfd_jax.reproduce.frontier --workdir=DIR      # the loglik frontier, read if present
-    python benchmarks/calibrated_kl.py --workdir=DIR [--seeds=3]
+    python benchmarks/calibrated_kl.py --workdir=DIR [--seeds=3] [--beta0=1]
 
 runs objective kl with rl.adaptive_kl=True and rl.adaptive_kl_signal=demo_reward
-(beta starts at 0.1 and moves by at most 2% a step: kl_horizon 640 rollouts),
+(beta starts at --beta0, 0.1 unless given, and moves by at most 2% a step:
+kl_horizon 640 rollouts),
 everything else as the reproduction's arms, on the four tasks for each seed
-below --seeds (DIR/runs/TASK/kl_demo_seedS), two at a time, reusing
+below --seeds (DIR/runs/TASK/kl_demo_seedS, or kl_demo_bB_seedS for
+--beta0=B), two at a time, reusing
 DIR/jax_cache; finished arms are reused. Then prints, per task and seed, its
 gap / A / distinct-2 share / KL / last beta after the last step beside
 rcfd_group's (when that seed of rcfd_group ran), the rcfd_group targets met,
@@ -32,22 +34,28 @@ HORIZON = 640.0    # rollouts: 64 a step, so beta moves by at most 0.2 * 64 / 64
 TASKS = ("loglik", "sentiment", "loglik_voiced", "sentiment_voiced")
 
 
+def method_name(beta0: float) -> str:
+  """The arm's name: kl_demo for the first design's start, kl_demo_bB for another."""
+  return "kl_demo" if beta0 == BETA0 else f"kl_demo_b{beta0:g}"
+
+
 def arm_dir(d: Path, task: str, seed: int, method: str) -> Path:
-  if method == "kl_demo":
-    return d / "runs" / task / f"kl_demo_seed{seed}"
+  if method.startswith("kl_demo"):
+    return d / "runs" / task / f"{method}_seed{seed}"
   return d / "runs" / task / (method if seed == 0 else f"{method}_seed{seed}")
 
 
-def command(d: Path, task: str, seed: int) -> list[str]:
+def command(d: Path, task: str, seed: int, beta0: float) -> list[str]:
   return [sys.executable, "-m", "rcfd_jax.main", f"--config={config_lib.experiment_file('reproduce')}:{task},{d}",
-          "--config.rl.objective=kl", f"--config.rl.beta={BETA0}", "--config.rl.adaptive_kl=True",
+          "--config.rl.objective=kl", f"--config.rl.beta={beta0}", "--config.rl.adaptive_kl=True",
           "--config.rl.adaptive_kl_signal=demo_reward", f"--config.rl.kl_horizon={HORIZON}",
-          f"--config.seed={seed}", f"--workdir={arm_dir(d, task, seed, 'kl_demo')}"]
+          f"--config.seed={seed}", f"--workdir={arm_dir(d, task, seed, method_name(beta0))}"]
 
 
-def run_all(d: Path, runs: list[tuple[str, int]], parallel: int) -> None:
-  runner.run_commands(d, {f"{t}/kl_demo_seed{s}": (command(d, t, s), arm_dir(d, t, s, "kl_demo") / "eval" /
-                                                   "step_200.json") for t, s in runs}, parallel)
+def run_all(d: Path, runs: list[tuple[str, int]], beta0: float, parallel: int) -> None:
+  m = method_name(beta0)
+  runner.run_commands(d, {f"{t}/{m}_seed{s}": (command(d, t, s, beta0), arm_dir(d, t, s, m) / "eval" /
+                                               "step_200.json") for t, s in runs}, parallel)
 
 
 def row(d: Path, task: str, seed: int, method: str) -> dict | None:
@@ -63,18 +71,19 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", required=True, help="The reproduction's DIR, after `rcfd_jax.reproduce`.")
   ap.add_argument("--seeds", type=int, default=1, help="Seeds 0 .. S-1 of every task.")
+  ap.add_argument("--beta0", type=float, default=BETA0, help="beta at the start (docs/reproduce.md: 0.1, then 1).")
   ap.add_argument("--parallel", type=int, default=2)
   args = ap.parse_args()
   d = Path(args.workdir)
   if not (d / "runs").exists():
     sys.exit(f"{d} holds no reproduction: run `python -m rcfd_jax.reproduce --workdir={d}` first")
   runs = [(t, s) for s in range(args.seeds) for t in TASKS]
-  run_all(d, runs, args.parallel)
+  run_all(d, runs, args.beta0, args.parallel)
   edges = json.loads((d / "frontier.json").read_text()) if (d / "frontier.json").exists() else {}
   print("| task | seed | method | gap | A (SFT) | distinct-2 vs SFT | frontier at gap | KL | beta | targets met |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for task, seed in sorted(runs, key=lambda ts: (TASKS.index(ts[0]), ts[1])):
-    for method in ("kl_demo", "rcfd_group"):
+    for method in (method_name(args.beta0), "rcfd_group"):
       r = row(d, task, seed, method)
       if r is None:
         print(f"| {task} | {seed} | {method} | (no run) |||||||")
@@ -82,7 +91,7 @@ def main() -> None:
       met = (abs(r["gap"]) <= 0.1) + (r["alignment"] <= r["sft_alignment"]) + (r["distinct_share"] >= 0.8)
       curve = [(p["gap"], p["distinct_share"]) for p in edges.get(task, {}).get("points", [])]
       edge = frontier.interpolate(curve, r["gap"]) if curve else None
-      beta = f"{r['beta']:.3f}" if method == "kl_demo" else "-"
+      beta = f"{r['beta']:.3f}" if method.startswith("kl_demo") else "-"
       print(f"| {task} | {seed} | {method} | {r['gap']:+.2f} | {r['alignment']:.3f} ({r['sft_alignment']:.3f}) "
             f"| {r['distinct_share']:.0%} | {'-' if edge is None else f'{edge:.0%}'} | {r['kl']:.1f} | {beta} "
             f"| {met} of 3 |")
