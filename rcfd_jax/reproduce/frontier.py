@@ -27,9 +27,8 @@ import json
 import math
 from pathlib import Path
 
-from rcfd_jax import files, train, validate
 from rcfd_jax.errors import UserError
-from rcfd_jax.reproduce import run
+from rcfd_jax.reproduce import report, run
 
 TEMPERATURES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 QUICK_TEMPERATURES = (1.0, 0.5)
@@ -49,13 +48,7 @@ def measure(d: Path, task: str, temperature: float, quick: bool) -> dict:
     return json.loads(done.read_text())
   config = run.rl_config(task, run.Arm("sft", ""), d, quick)
   config.eval.temperature = temperature
-  s, state = train.build(config, wd)
-  return validate.run(s, s.steps, state, files.prepare_workdir(str(wd)), 0)
-
-
-def gap(ev: dict) -> float:
-  """Mean reward minus the demonstrations', in their std."""
-  return (ev["reward_mean"] - ev["demo_reward_mean"]) / ev["demo_reward_std"]
+  return run.evaluate(config, wd)[2]
 
 
 def interpolate(points: list[tuple[float, float]], at: float) -> float | None:
@@ -79,7 +72,7 @@ def frontier(d: Path, quick: bool) -> dict:
     points = []
     for t in QUICK_TEMPERATURES if quick else TEMPERATURES:
       ev = measure(d, task, t, quick)
-      points.append({"temperature": t, "gap": gap(ev), "distinct_share": ev["distinct_2"] / sft["distinct_2"],
+      points.append({"temperature": t, "gap": report.gap(ev), "distinct_share": ev["distinct_2"] / sft["distinct_2"],
                      "alignment": ev["alignment"], "length_mean": ev["length_mean"],
                      "reward_mean": ev["reward_mean"], "distinct_2": ev["distinct_2"]})
     curve = [(p["gap"], p["distinct_share"]) for p in points]
@@ -89,10 +82,9 @@ def frontier(d: Path, quick: bool) -> dict:
         continue
       arms[arm.name] = []
       for ev in run.arm_evals(d / "runs" / task / arm.name):
-        share = ev["distinct_2"] / sft["distinct_2"]
-        edge = interpolate(curve, gap(ev))
-        arms[arm.name].append({"step": ev["step"], "gap": gap(ev), "distinct_share": share,
-                               "frontier_share": edge, "entropy": ev["entropy"]})
+        at = report.gap(ev)
+        arms[arm.name].append({"step": ev["step"], "gap": at, "distinct_share": ev["distinct_2"] / sft["distinct_2"],
+                               "frontier_share": interpolate(curve, at), "entropy": ev["entropy"]})
     out[task] = {"points": points, "at_gap_zero": interpolate(curve, 0.0),
                  "sft_matches_results": (  # both temperature lists start at 1
                      points[0]["reward_mean"] == sft["reward_mean"] and points[0]["distinct_2"] == sft["distinct_2"]),

@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def gap(m: dict) -> float:
+  """How far a results row's mean reward is from the demonstrations': (reward - demo mean) / demo std."""
+  return (m["reward_mean"] - m["demo_reward_mean"]) / m["demo_reward_std"]
+
+
 def _table(task: str, r: dict, demo_length: float, with_step: bool) -> list[str]:
   demo = next(iter(r.values()))
   step_head, step_rule = (" step |", "---|") if with_step else ("", "")
@@ -13,9 +18,8 @@ def _table(task: str, r: dict, demo_length: float, with_step: bool) -> list[str]
            f"| demonstrations |{' - |' if with_step else ''} {demo['demo_reward_mean']:.3f} ± "
            f"{demo['demo_reward_std']:.3f} | 0 | - | {demo['demo_distinct_2']:.3f} | {demo_length:.1f} | - |"]
   for name, m in r.items():
-    gap = (m["reward_mean"] - m["demo_reward_mean"]) / m["demo_reward_std"]
     step = f" {m['step']} |" if with_step else ""
-    lines.append(f"| {name} |{step} {m['reward_mean']:.3f} | {gap:+.2f} | {m['alignment']:.3f} | "
+    lines.append(f"| {name} |{step} {m['reward_mean']:.3f} | {gap(m):+.2f} | {m['alignment']:.3f} | "
                  f"{m['distinct_2']:.3f} | {m['length_mean']:.1f} | {m['kl']:.2f} |")
   return lines + [""]
 
@@ -99,8 +103,8 @@ def _paths(results: dict, extras: dict) -> list[str]:
     lines += [f"| {task} | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
     for name, rows in evals.items():
       by_step = {ev["step"]: ev for ev in rows}
-      cells = [f"{(m['reward_mean'] - m['demo_reward_mean']) / m['demo_reward_std']:+.2f} / "
-               f"{100 * m['distinct_2'] / m['sft_distinct_2']:.0f}% / {m['kl']:.1f}" if (m := by_step.get(s))
+      cells = [f"{gap(m):+.2f} / {100 * m['distinct_2'] / m['sft_distinct_2']:.0f}% / {m['kl']:.1f}"
+               if (m := by_step.get(s))
                else "-" for s in steps]
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
@@ -148,7 +152,7 @@ def seeds_markdown(by_seed: dict) -> str:
            "|---|---|" + "---|" * n]
   for task in tasks:
     for method, rows in by_seed[task].items():
-      cells = [f"{(m['reward_mean'] - m['demo_reward_mean']) / m['demo_reward_std']:+.2f} / "
-               f"{m['alignment']:.3f} / {100 * m['distinct_2'] / m['sft_distinct_2']:.0f}%" for m in rows]
+      cells = [f"{gap(m):+.2f} / {m['alignment']:.3f} / {100 * m['distinct_2'] / m['sft_distinct_2']:.0f}%"
+               for m in rows]
       lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"

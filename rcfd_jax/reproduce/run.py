@@ -180,12 +180,17 @@ def rl_config(task: str, arm: Arm, d: Path, quick: bool):
   return c
 
 
-def evaluate_sft(config, wd: Path) -> dict:
-  """The SFT policy itself, evaluated like a trained arm at step 0; plus the demos' diversity."""
+def evaluate(config, wd: Path):
+  """The untrained policy of `config`, evaluated like a trained arm at step 0: (Setup, state, metrics)."""
   s, state = train.build(config, wd)
   wd = files.prepare_workdir(str(wd))
   (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
-  result = validate.run(s, s.steps, state, wd, 0)
+  return s, state, validate.run(s, s.steps, state, wd, 0)
+
+
+def evaluate_sft(config, wd: Path) -> dict:
+  """The SFT policy itself, evaluated like a trained arm at step 0; plus the demos' diversity."""
+  s, state, result = evaluate(config, wd)
   n = min(config.eval.num_prompts, len(s.val))
   demos = {"demo_distinct_2": evaluation.distinct_n(s.val.demo_ids[:n], 2),
            "demo_length_mean": float(np.mean([len(x) for x in s.val.demo_ids[:n]])),
@@ -333,7 +338,7 @@ def last_row(d: Path, task: str, wd: Path) -> dict | None:
     return None
   last = arm_evals(wd)[-1]
   sft = json.loads((d / "runs" / task / "sft" / "eval" / "step_0.json").read_text())
-  return {"step": last["step"], "gap": (last["reward_mean"] - last["demo_reward_mean"]) / last["demo_reward_std"],
+  return {"step": last["step"], "gap": report.gap(last),
           "alignment": last["alignment"], "sft_alignment": sft["alignment"],
           "distinct_share": last["distinct_2"] / sft["distinct_2"], "kl": last["kl"],
           "prompt_corr": last.get("prompt_corr", float("nan"))}
@@ -366,7 +371,7 @@ def check_targets(results: dict, seconds: float | None) -> list[tuple[str, bool,
   rows = []
 
   def within(task: str, name: str, m: dict, std_gap: float, a_max: float, a_what: str) -> None:
-    gap = (m["reward_mean"] - m["demo_reward_mean"]) / m["demo_reward_std"]
+    gap = report.gap(m)
     rows.append((f"{task}: {name} reward within {std_gap} demo std", abs(gap) <= std_gap,
                  f"({m['reward_mean']:.3f} - {m['demo_reward_mean']:.3f}) / {m['demo_reward_std']:.3f} = "
                  f"{gap:+.2f} std"))
@@ -375,7 +380,7 @@ def check_targets(results: dict, seconds: float | None) -> list[tuple[str, bool,
 
   for task, r in results.items():
     sft, mx, group = r["sft"], r["max"], r["rcfd_group"]
-    over = (mx["reward_mean"] - mx["demo_reward_mean"]) / mx["demo_reward_std"]
+    over = report.gap(mx)
     rows.append((f"{task}: max ends above the demos by > 1 demo std", over > 1.0, f"{over:+.2f} std"))
     change = mx["distinct_2"] / mx["sft_distinct_2"] - 1.0
     rows.append((f"{task}: max distinct-2 falls >= 40% vs SFT", change <= -0.4,
