@@ -99,6 +99,7 @@ def _pct(x: float | None) -> str:
 def markdown(fr: dict) -> str:
   lines = ["# The loglik frontier: the SFT policy sharpened, untrained", ""]
   for task, f in fr.items():
+    steps = sorted({e["step"] for evals in f["arms"].values() for e in evals})
     lines += [f"## {task}", "",
               "| temperature | gap (demo std) | distinct-2 vs SFT | A | length |", "|---|---|---|---|---|"]
     lines += [f"| {p['temperature']:g} | {p['gap']:+.2f} | {_pct(p['distinct_share'])} | {p['alignment']:.3f} "
@@ -118,12 +119,12 @@ def markdown(fr: dict) -> str:
               f"policy's is at most -L_d = {f['entropy_ceiling']:.2f}.", "",
               "Every evaluation of each trained arm: gap / distinct-2 share / the frontier's share at that gap "
               "(- outside the temperatures' range) / token entropy.", "",
-              "| arm | " + " | ".join(f"step {e['step']}" for e in next(iter(f["arms"].values()))) + " |",
-              "|---|" + "---|" * len(next(iter(f["arms"].values())))]
+              "| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
     for name, evals in f["arms"].items():
+      by_step = {e["step"]: e for e in evals}
       lines.append(f"| {name} | " + " | ".join(
           f"{e['gap']:+.2f} / {_pct(e['distinct_share'])} / {_pct(e['frontier_share'])} / {e['entropy']:.2f}"
-          for e in evals) + " |")
+          if (e := by_step.get(s)) else "-" for s in steps) + " |")
     lines.append("")
   return "\n".join(lines)
 
