@@ -73,9 +73,10 @@ def base() -> ml_collections.ConfigDict:
 
   c.rl = ml_collections.ConfigDict()
   c.rl.objective = "rcfd"           # max | kl | weighted | rcfd (paper) | rcfd_group (calibrates each prompt's mean)
+                                    # | rcfd_tilt (toward the least-KL policy with the demonstrations' mean)
   c.rl.algorithm = "reinforce"      # reinforce | ppo
   c.rl.baseline = "whiten"          # advantage: whiten (paper) | loo | none | gae (value head, GAE)
-  c.rl.rcfd_target = "demo"         # what rcfd/rcfd_group calibrate to: demo (each prompt's R(x, y_d), paper)
+  c.rl.rcfd_target = "demo"         # what rcfd/rcfd_group/rcfd_tilt calibrate to: demo (each prompt's R(x, y_d), paper)
                                     # | mean (the training demonstrations' mean R_d; demos.calibration_targets)
   c.rl.beta = 0.0                   # KL coefficient for objective=kl (initial value when adaptive)
   c.rl.kl_estimator = "k1"          # k1 | k2 | k3, per token, summed over the sequence
@@ -183,10 +184,19 @@ def check(c: ml_collections.ConfigDict) -> None:
     need(c.rl.baseline in ("whiten", "none"),
          f"config.rl.objective=rcfd_group is its own leave-one-out advantage: set config.rl.baseline "
          f"to whiten or none (it is {c.rl.baseline})")
+  if c.rl.objective == "rcfd_tilt":
+    need(k >= 2, f"config.rl.objective=rcfd_tilt weighs each sample against the prompt's other samples: "
+         f"set config.rollout.samples_per_prompt >= 2 (it is {k})")
+    need(c.rl.baseline in ("whiten", "none"),
+         f"config.rl.objective=rcfd_tilt is its own within-prompt advantage: set config.rl.baseline "
+         f"to whiten or none (it is {c.rl.baseline})")
+    need(len(c.reward.sources) == 1,
+         f"config.rl.objective=rcfd_tilt calibrates one reward and config.reward.sources has "
+         f"{len(c.reward.sources)}: keep one source, or use rcfd_group for several")
   need(c.rl.rcfd_target in CALIBRATION_TARGETS,
        f"config.rl.rcfd_target={c.rl.rcfd_target!r}; use one of {CALIBRATION_TARGETS}")
-  need(c.rl.rcfd_target == "demo" or c.rl.objective in ("rcfd", "rcfd_group"),
-       f"config.rl.rcfd_target={c.rl.rcfd_target!r} sets what rcfd and rcfd_group calibrate to; "
+  need(c.rl.rcfd_target == "demo" or c.rl.objective in ("rcfd", "rcfd_group", "rcfd_tilt"),
+       f"config.rl.rcfd_target={c.rl.rcfd_target!r} sets what rcfd, rcfd_group and rcfd_tilt calibrate to; "
        f"objective {c.rl.objective!r} reads no target: leave it at 'demo'")
   if c.rl.objective == "weighted":
     need(len(c.rl.alpha) == len(c.reward.sources),

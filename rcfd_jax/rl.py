@@ -241,6 +241,77 @@ def rcfd_group(reward_pgk: Array, demo_reward_pk: Array, eps: float = 1e-8) -> A
   return jnp.sum(adv_pgk, axis=-1)
 
 
+def tilt_lambda(reward_pg: Array, log_ratio_pg: Array, target: Array | float, bound: float = 30.0,
+                iters: int = 40) -> Array:
+  """The lambda at which the tilted policy's mean reward equals `target`.
+
+  The tilt of pi_0 by lambda is p*(y|x) = pi_0(y|x) exp(lambda R(x, y)) / Z(x).
+  Estimated from samples y ~ pi by self-normalized importance weights within
+  each prompt, w_i ~ exp(lambda R_i + log pi_0(y_i) - log pi(y_i)), its mean
+  reward, averaged over the prompts, rises monotonically with lambda (its
+  derivative is a weighted variance), so bisection on [-bound, bound] finds
+  the root. Rewards are measured in units of their batch std (with the
+  target) for the bisection, so `bound` is in 1/std; the lambda returned is
+  in the reward's own units. A target outside what the samples can reach
+  returns the bound's lambda: all weight on each prompt's best (or worst)
+  sample.
+
+  Args:
+    reward_pg: [P, G] rewards of G samples per prompt.
+    log_ratio_pg: [P, G] log pi_0(y) - log pi(y) of each sample, summed over its tokens.
+    target: the mean reward the tilt must have (a scalar).
+  """
+  reward_pg = jnp.asarray(reward_pg, jnp.float32)
+  log_ratio_pg = jnp.asarray(log_ratio_pg, jnp.float32)
+  scale = jnp.std(reward_pg) + 1e-8
+  z_pg = (reward_pg - target) / scale
+
+  def tilted_mean(lam):
+    return jnp.mean(jnp.sum(jax.nn.softmax(lam * z_pg + log_ratio_pg, axis=1) * z_pg, axis=1))
+
+  def halve(_, lo_hi):
+    lo, hi = lo_hi
+    mid = 0.5 * (lo + hi)
+    below = tilted_mean(mid) < 0.0
+    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+  lo, hi = jax.lax.fori_loop(0, iters, halve, (jnp.float32(-bound), jnp.float32(bound)))
+  return 0.5 * (lo + hi) / scale
+
+
+def rcfd_tilt(reward_pg: Array, demo_reward_p: Array, log_ratio_pg: Array) -> tuple[Array, Array]:
+  """([P, G] advantages, lambda) that move pi toward the least-KL policy with the demonstrations' mean.
+
+  Of all policies whose mean reward equals the demonstrations' mean, the
+  one of least KL to pi_0 is the tilt p* = pi_0 exp(lambda R) / Z for the
+  lambda that puts its mean there (GDC's moment-matching solution, Khalifa
+  et al. 2021; on a reward that is pi_0's own likelihood, pi_0 sharpened).
+  lambda is solved afresh from every batch (tilt_lambda, target: the mean
+  of the batch's demonstration rewards), so nothing lags and no coefficient
+  is chosen. The policy then takes a distributional policy gradient step
+  toward p*, the gradient of -KL(p* || pi): with the self-normalized weights
+  w_i of tilt_lambda within each prompt,
+
+    A_i = G w_i - 1,
+
+  which is 0 for every sample once pi = p* (then log pi_0 - log pi + lambda R
+  is the same for all samples of a prompt), positive where p* puts more
+  mass than pi, negative where less. Each prompt's advantages sum to 0.
+
+  Args:
+    reward_pg: [P, G] rewards of G >= 2 completions per prompt.
+    demo_reward_p: [P] rewards of each prompt's demonstration (or the calibration target).
+    log_ratio_pg: [P, G] log pi_0(y) - log pi(y) per completion, summed over its tokens.
+  """
+  reward_pg = jnp.asarray(reward_pg, jnp.float32)
+  g = reward_pg.shape[1]
+  if g < 2:
+    raise ValueError(f"rcfd_tilt needs at least 2 samples per prompt, got {g}")
+  lam = tilt_lambda(reward_pg, log_ratio_pg, jnp.mean(jnp.asarray(demo_reward_p, jnp.float32)))
+  w_pg = jax.nn.softmax(lam * reward_pg + jnp.asarray(log_ratio_pg, jnp.float32), axis=1)
+  return g * w_pg - 1.0, lam
+
+
 def group_spread(reward_pgk: Array, tol: float = 1e-6) -> tuple[Array, Array]:
   """Collapse monitors per reward component, over prompts with G >= 2 samples.
 

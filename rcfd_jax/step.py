@@ -70,7 +70,7 @@ class Rollout:
   demo_reward: jax.Array   # [b, k]
 
 
-Objective = Literal["max", "kl", "weighted", "rcfd", "rcfd_group"]
+Objective = Literal["max", "kl", "weighted", "rcfd", "rcfd_group", "rcfd_tilt"]
 Baseline = Literal["whiten", "loo", "none", "gae"]
 
 
@@ -157,7 +157,8 @@ def _reference_logprobs(parts: PolicyParts, params, frozen: Frozen, seq_ids, seq
 
 def reads_reference(sc: StepConfig, rewards: Rewards) -> bool:
   """Whether the update itself reads pi_0's log-probs (beyond the kl metric)."""
-  return sc.objective == "kl" or sc.adaptive_kl or any(s.kind == "loglik" for s in rewards.sources)
+  return (sc.objective in ("kl", "rcfd_tilt") or sc.adaptive_kl
+          or any(s.kind == "loglik" for s in rewards.sources))
 
 
 def make_rollout(parts: PolicyParts, rewards: Rewards, sc: StepConfig) -> Callable:
@@ -205,43 +206,56 @@ def make_rollout(parts: PolicyParts, rewards: Rewards, sc: StepConfig) -> Callab
 
 
 # ----------------------------------------------------------------------------
-# Objectives: (sc, reward_bk, demo_bk, seq_kl_b, beta) -> [b], the scalar reward the policy maximises.
+# Objectives: (sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b) -> [b], the scalar reward the policy
+# maximises; log_ratio_b is log pi_0(y) - log pi(y) per completion (exact, whatever kl_estimator is).
 
 
-def _max_objective(sc, reward_bk, demo_bk, seq_kl_b, beta):
+def _max_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
   return reward_bk.sum(-1)
 
 
-def _kl_objective(sc, reward_bk, demo_bk, seq_kl_b, beta):
+def _kl_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
   return rl.kl_penalized(reward_bk.sum(-1), seq_kl_b, beta)
 
 
-def _weighted_objective(sc, reward_bk, demo_bk, seq_kl_b, beta):
+def _weighted_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
   return rl.weighted(reward_bk, jnp.asarray(sc.alpha, jnp.float32))
 
 
-def _rcfd_objective(sc, reward_bk, demo_bk, seq_kl_b, beta):
+def _rcfd_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
   return rl.rcfd(reward_bk, demo_bk)
 
 
-def _rcfd_group_objective(sc, reward_bk, demo_bk, seq_kl_b, beta):
+def _rcfd_group_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
   """Already an advantage: centred within each prompt's group of samples."""
   g = sc.samples_per_prompt
   demo_pk = demo_bk.reshape(-1, g, demo_bk.shape[-1])[:, 0]
   return rl.rcfd_group(reward_bk.reshape(-1, g, reward_bk.shape[-1]), demo_pk).reshape(-1)
 
 
+def _tilt_groups(sc, reward_bk, demo_bk, log_ratio_b):
+  """rl.rcfd_tilt's ([P, G] advantages, lambda) from one reward source's [b] rows."""
+  g = sc.samples_per_prompt
+  return rl.rcfd_tilt(reward_bk[:, 0].reshape(-1, g), demo_bk[:, 0].reshape(-1, g)[:, 0],
+                      log_ratio_b.reshape(-1, g))
+
+
+def _rcfd_tilt_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
+  """Already an advantage: centred within each prompt's group of samples."""
+  return _tilt_groups(sc, reward_bk, demo_bk, log_ratio_b)[0].reshape(-1)
+
+
 # config.OBJECTIVES (what config.check accepts) is this dict's keys.
 OBJECTIVES: dict[Objective, Callable] = {
     "max": _max_objective, "kl": _kl_objective, "weighted": _weighted_objective, "rcfd": _rcfd_objective,
-    "rcfd_group": _rcfd_group_objective}
+    "rcfd_group": _rcfd_group_objective, "rcfd_tilt": _rcfd_tilt_objective}
 
 
-def objective(sc: StepConfig, reward_bk, demo_bk, seq_kl_b, beta):
+def objective(sc: StepConfig, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
   """The scalar reward the policy maximises, one per rollout."""
   if sc.objective not in OBJECTIVES:
     raise ValueError(sc.objective)
-  return OBJECTIVES[sc.objective](sc, reward_bk, demo_bk, seq_kl_b, beta)
+  return OBJECTIVES[sc.objective](sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b)
 
 
 # ----------------------------------------------------------------------------
@@ -369,7 +383,8 @@ def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | 
   """(state, metrics) after the objective, advantages and ppo_epochs passes over rollout `ro`."""
   reward_bk = rewards.stack(dict(ro.rewards, **(host_rewards or {})))
   seq_kl_b = rl.sequence_kl(ro.logp, ro.ref_logp, ro.mask, sc.kl_estimator)
-  score_b = objective(sc, reward_bk, ro.demo_reward, seq_kl_b, state.beta)
+  log_ratio_b = -rl.sequence_kl(ro.logp, ro.ref_logp, ro.mask, "k1")
+  score_b = objective(sc, reward_bk, ro.demo_reward, seq_kl_b, state.beta, log_ratio_b)
   adv_bt, returns_bt = advantages(sc, score_b, ro)
   data = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens, mask=ro.mask,
               logp=ro.logp, values=ro.values, adv=adv_bt, returns=returns_bt)
@@ -381,7 +396,7 @@ def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | 
   # A non-finite reward poisons every minibatch; treat the whole iteration as skipped.
   ok = ok & rl.all_finite(score_b)
   params, opt_state = _keep_where(ok, params, state.params), _keep_where(ok, opt_state, state.opt_state)
-  kl_mean = rl.sequence_kl(ro.logp, ro.ref_logp, ro.mask, "k1").mean()
+  kl_mean = -log_ratio_b.mean()
   beta = state.beta
   if sc.adaptive_kl and sc.adaptive_kl_signal == "demo_reward":
     moved = rl.demo_calibrated_kl(beta, reward_bk.sum(-1), ro.demo_reward.sum(-1), sc.kl_horizon, n)
@@ -409,6 +424,8 @@ def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | 
     for i, name in enumerate(rewards.names):
       metrics[f"reward_within_prompt_std/{name}"] = within_k[i]
       metrics[f"reward_tied_frac/{name}"] = tied_k[i]
+  if sc.objective == "rcfd_tilt":  # the tilt's lambda this step, in 1 / reward units
+    metrics["tilt_lambda"] = _tilt_groups(sc, reward_bk, ro.demo_reward, log_ratio_b)[1]
   metrics.update({k: v.mean() for k, v in logs.items()})
   return new_state, metrics
 

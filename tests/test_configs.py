@@ -49,6 +49,7 @@ def test_paper_hyperparameters():
     ("rl.alpha", (1.0, 2.0, 3.0), "alpha"),
     ("optim.grad_accum", 3, "divisible"),
     ("rl.objective", "rcfd_group", "samples_per_prompt >= 2"),
+    ("rl.objective", "rcfd_tilt", "samples_per_prompt >= 2"),
     ("eval.samples_per_prompt", 0, "eval.samples_per_prompt"),
 ])
 def test_inconsistent_configs_are_refused(field, value, match):
@@ -72,6 +73,21 @@ def test_rcfd_group_takes_no_other_baseline():
     c.rl.baseline = baseline
     with pytest.raises(UserError, match="whiten or none"):
       config_lib.check(c)
+
+
+def test_rcfd_tilt_takes_one_reward_and_no_other_baseline():
+  c = load_config("tiny", {"rl.objective": "rcfd_tilt", "rollout.samples_per_prompt": 4,
+                           "reward.sources": ("loglik",)})
+  for baseline in ("whiten", "none"):
+    c.rl.baseline = baseline
+    config_lib.check(c)
+  for baseline in ("loo", "gae"):
+    c.rl.baseline = baseline
+    with pytest.raises(UserError, match="whiten or none"):
+      config_lib.check(c)
+  c.rl.baseline, c.reward.sources = "whiten", ("loglik", "length")
+  with pytest.raises(UserError, match="calibrates one reward"):
+    config_lib.check(c)
 
 
 def test_demo_reward_controller_needs_the_adaptive_kl_objective():

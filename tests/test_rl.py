@@ -4,6 +4,7 @@ The references are deliberately naive (Python loops over rows and tokens,
 float64) so they share no code path with the vectorised jax versions.
 """
 
+import functools
 import math
 
 import jax
@@ -400,6 +401,8 @@ def test_everything_jits():
       "kl_penalized": (rl.kl_penalized, (r_b, r_b, 0.1)),
       "weighted": (rl.weighted, (r_bk, jnp.array([1.0, 0.5]))),
       "rcfd": (rl.rcfd, (r_bk, r_bk * 0.5)),
+      "rcfd_group": (rl.rcfd_group, (x[:, :4], r_b)),
+      "rcfd_tilt": (rl.rcfd_tilt, (x[:, :4], r_b, x[:, 3:7])),
       "adaptive_kl": (rl.adaptive_kl, (jnp.asarray(0.1, jnp.float32), 3.0, 6.0, 1e4, 256)),
       "demo_calibrated_kl": (rl.demo_calibrated_kl, (jnp.asarray(0.1, jnp.float32), r_b, r_b + 1.0, 640.0, 64)),
       "whiten": (rl.whiten, (r_b,)),
@@ -507,28 +510,35 @@ def test_token_entropy_matches_numpy():
   np.testing.assert_allclose(rl.token_entropy(jnp.asarray(logits)), -(p * np.log(p)).sum(-1), rtol=1e-5)
 
 
+TOY_V, TOY_DEMO_MEAN = 30, 0.6
+TOY_REWARD = jnp.linspace(-3.0, 3.0, TOY_V)
+TOY_THETA0 = -0.12 * jnp.square(TOY_REWARD)  # an SFT-like start: entropy 3.35 nats, reward std 1.53
+
+
+@functools.lru_cache(maxsize=None)
 def _toy_run(estimator: str, steps: int = 300, seed: int = 0):
   """A shared categorical policy over 30 outputs whose rewards are evenly spaced in [-3, 3].
 
   Every one of 64 prompts per step draws its R_d ~ N(0.6, 1.5) independently
   of the prompt, which the policy cannot see: the best it can do is match the
   demonstrations' reward distribution as a whole. 4 samples per prompt,
-  REINFORCE with batch-whitened advantages and Adam, as the trainer runs it.
-  Returns the final (entropy, mean reward, reward std) of the policy.
+  REINFORCE with batch-whitened advantages and Adam, as the trainer runs it;
+  pi_0 is the start. Returns the final policy's probabilities.
   """
-  v, p, g = 30, 64, 4
-  r_v = jnp.linspace(-3.0, 3.0, v)
-  theta0 = -0.12 * jnp.square(r_v)  # an SFT-like start: entropy 3.35 nats, reward std 1.53
+  p, g = 64, 4
   tx = optax.adam(0.05)
+  logp0_v = jax.nn.log_softmax(TOY_THETA0)
 
   def step(carry, key):
     theta, opt_state = carry
     k_demo, k_sample = jax.random.split(key)
-    demo_p = 0.6 + 1.5 * jax.random.normal(k_demo, (p,))
+    demo_p = TOY_DEMO_MEAN + 1.5 * jax.random.normal(k_demo, (p,))
     y_pg = jax.random.categorical(k_sample, theta, shape=(p, g))
-    r_pg = r_v[y_pg]
+    r_pg = TOY_REWARD[y_pg]
     if estimator == "rcfd":
       score = rl.rcfd(r_pg.reshape(-1), jnp.repeat(demo_p, g))
+    elif estimator == "rcfd_tilt":
+      score = rl.rcfd_tilt(r_pg, demo_p, logp0_v[y_pg] - jax.nn.log_softmax(theta)[y_pg])[0].reshape(-1)
     else:
       score = rl.rcfd_group(r_pg, demo_p).reshape(-1)
     adv = rl.whiten(score)
@@ -536,18 +546,100 @@ def _toy_run(estimator: str, steps: int = 300, seed: int = 0):
     updates, opt_state = tx.update(grads, opt_state, theta)
     return (optax.apply_updates(theta, updates), opt_state), None
 
-  (theta, _), _ = jax.lax.scan(step, (theta0, tx.init(theta0)), jax.random.split(jax.random.key(seed), steps))
-  prob = jax.nn.softmax(theta)
-  mean = jnp.sum(prob * r_v)
-  return (float(-jnp.sum(prob * jnp.log(prob))), float(mean),
-          float(jnp.sqrt(jnp.sum(prob * jnp.square(r_v - mean)))))
+  (theta, _), _ = jax.lax.scan(step, (TOY_THETA0, tx.init(TOY_THETA0)),
+                               jax.random.split(jax.random.key(seed), steps))
+  return np.asarray(jax.nn.softmax(theta), np.float64)
+
+
+def _toy_stats(prob):
+  """(entropy, mean reward, reward std) of a toy policy."""
+  r = np.asarray(TOY_REWARD, np.float64)
+  mean = np.sum(prob * r)
+  return -np.sum(prob * np.log(prob)), mean, np.sqrt(np.sum(prob * np.square(r - mean)))
+
+
+def _kl(p, q):
+  return float(np.sum(p * (np.log(p) - np.log(q))))
 
 
 def test_toy_policy_rcfd_collapses_where_rcfd_group_calibrates():
   """Unpredictable R_d: the paper's estimator buys a lower loss by removing the reward's spread."""
-  entropy, mean, std = _toy_run("rcfd")
+  entropy, mean, std = _toy_stats(_toy_run("rcfd"))
   assert entropy < 1.0 and std < 0.3, (entropy, std)       # collapsed onto a few outputs
   assert abs(mean - 0.6) < 0.3
-  entropy, mean, std = _toy_run("rcfd_group")
+  entropy, mean, std = _toy_stats(_toy_run("rcfd_group"))
   assert entropy > 2.5 and std > 1.0, (entropy, std)        # the spread survives (start: 3.35, 1.53)
   assert abs(mean - 0.6) < 0.15, mean                       # and the mean reaches the demonstrations'
+
+
+# ---------------------------------------------------------------------------
+# rcfd_tilt: toward pi_0 exp(lambda R) / Z, lambda set by the demonstrations' mean
+
+
+def _ref_tilt(reward_pg, log_ratio_pg, target):
+  """(lambda, [P, G] advantages) by float64 bisection of the self-normalized tilted mean, in reward units."""
+  r, rho = reward_pg.astype(np.float64), log_ratio_pg.astype(np.float64)
+
+  def weights(lam):
+    a = lam * r + rho
+    w = np.exp(a - a.max(1, keepdims=True))
+    return w / w.sum(1, keepdims=True)
+
+  lo, hi = -1e3, 1e3
+  for _ in range(200):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if np.mean(np.sum(weights(mid) * r, 1)) < target else (lo, mid)
+  lam = 0.5 * (lo + hi)
+  return lam, r.shape[1] * weights(lam) - 1.0
+
+
+def test_rcfd_tilt_matches_reference():
+  rng = _rng(31)
+  reward = rng.normal(0.5, 2.0, size=(6, 4)).astype(np.float32)
+  log_ratio = rng.normal(0.0, 0.7, size=(6, 4)).astype(np.float32)
+  for target in (0.0, 0.5, 1.5):
+    demo = (target + rng.normal(size=6)).astype(np.float32)
+    demo += target - demo.mean()  # the batch's demonstrations average to `target`
+    adv, lam = rl.rcfd_tilt(reward, demo, log_ratio)
+    want_lam, want_adv = _ref_tilt(reward, log_ratio, float(demo.mean()))
+    assert float(lam) == pytest.approx(want_lam, rel=1e-3, abs=1e-4)
+    np.testing.assert_allclose(adv, want_adv, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(adv).sum(1), 0.0, atol=1e-5)   # centred within each prompt
+    w = (np.asarray(adv) + 1) / 4
+    assert np.mean(np.sum(w * reward, 1)) == pytest.approx(target, abs=1e-3)  # the tilt scores the demos' mean
+  adv, lam = rl.rcfd_tilt(reward, np.full(6, 100.0, np.float32), log_ratio)  # beyond every sample: the bound
+  assert float(lam) == pytest.approx(30.0 / reward.std(), rel=1e-4)           # 30 in 1 / the rewards' std
+  a = float(lam) * reward.astype(np.float64) + log_ratio
+  w = np.exp(a - a.max(1, keepdims=True))
+  np.testing.assert_allclose(adv, 4 * w / w.sum(1, keepdims=True) - 1, rtol=1e-3, atol=1e-4)
+  with pytest.raises(ValueError, match="at least 2 samples"):
+    rl.rcfd_tilt(reward[:, :1], demo, log_ratio[:, :1])
+
+
+def test_rcfd_tilt_is_still_where_the_policy_is_the_tilt():
+  """pi = pi_0 exp(lambda0 R) / Z: log pi_0 - log pi = -lambda0 R + log Z(x), and the weights are flat."""
+  rng = _rng(32)
+  reward = rng.normal(size=(8, 4)).astype(np.float32)
+  log_z = rng.normal(size=(8, 1)).astype(np.float32)
+  adv, lam = rl.rcfd_tilt(reward, np.full(8, reward.mean(), np.float32), -0.7 * reward + log_z)
+  assert float(lam) == pytest.approx(0.7, abs=1e-4)
+  np.testing.assert_allclose(adv, 0.0, atol=1e-4)
+
+
+def test_toy_policy_rcfd_tilt_reaches_the_least_kl_policy_with_the_demonstrations_mean():
+  """Of the policies whose mean is the demonstrations', rcfd_tilt ends at the one nearest pi_0; rcfd_group does not.
+
+  The exact answer, p* = pi_0 exp(lambda R) / Z with its mean at 0.6, is
+  computed here by bisection; both arms calibrate the mean, only the tilt
+  lands on p*.
+  """
+  p0 = np.asarray(jax.nn.softmax(TOY_THETA0), np.float64)
+  lam, _ = _ref_tilt(np.asarray(TOY_REWARD)[None], np.log(p0)[None], TOY_DEMO_MEAN)
+  p_star = p0 * np.exp(lam * np.asarray(TOY_REWARD, np.float64))
+  p_star /= p_star.sum()
+  tilt, group = _toy_run("rcfd_tilt"), _toy_run("rcfd_group")
+  assert abs(_toy_stats(tilt)[1] - TOY_DEMO_MEAN) < 0.1
+  assert _kl(p_star, tilt) < 0.01, _kl(p_star, tilt)                     # measured: 0.0005
+  assert abs(_kl(tilt, p0) - _kl(p_star, p0)) < 0.02                     # the least KL: 0.078 nats
+  assert _kl(p_star, group) > 0.1, _kl(p_star, group)                   # measured: 0.17
+  assert _kl(group, p0) > 2 * _kl(p_star, p0)

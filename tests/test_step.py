@@ -187,7 +187,7 @@ def test_rcfd_group_groups_each_prompts_samples_and_pushes_toward_the_demonstrat
   reward_rk = rng.normal(size=(4 * k, 2)).astype(np.float32)
   demo_rk = np.repeat(rng.normal(size=(4, 2)), k, axis=0).astype(np.float32)
   sc = dataclasses.replace(s.sc, objective="rcfd_group")
-  got = step_lib.objective(sc, jnp.asarray(reward_rk), jnp.asarray(demo_rk), None, None)
+  got = step_lib.objective(sc, jnp.asarray(reward_rk), jnp.asarray(demo_rk), None, None, None)
   want = rl.rcfd_group(reward_rk.reshape(4, k, 2), demo_rk[::k]).reshape(-1)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   before = measure(s, state)["p_eos"]
@@ -197,6 +197,26 @@ def test_rcfd_group_groups_each_prompts_samples_and_pushes_toward_the_demonstrat
   m = ms[0]
   assert 0 <= m["reward_tied_frac/length"] <= 1 and m["reward_within_prompt_std/length"] >= 0
   assert 0 < m["entropy"] <= math.log(len(s.tokenizer))
+
+
+def test_rcfd_tilt_weighs_each_prompts_samples_by_their_log_ratio_and_pushes_toward_the_demonstration(reinforce):
+  """The step hands rl.rcfd_tilt each prompt's k consecutive rollouts with log pi_0 - log pi, and follows it."""
+  s, state = reinforce
+  k = s.sc.samples_per_prompt
+  rng = np.random.default_rng(1)
+  reward_rk = rng.normal(size=(4 * k, 1)).astype(np.float32)
+  demo_rk = np.repeat(rng.normal(size=(4, 1)), k, axis=0).astype(np.float32)
+  log_ratio_r = rng.normal(size=4 * k).astype(np.float32)
+  sc = dataclasses.replace(s.sc, objective="rcfd_tilt")
+  assert step_lib.reads_reference(sc, s.rewards)
+  got = step_lib.objective(sc, jnp.asarray(reward_rk), jnp.asarray(demo_rk), None, None, jnp.asarray(log_ratio_r))
+  want = rl.rcfd_tilt(reward_rk.reshape(4, k), demo_rk[::k, 0], log_ratio_r.reshape(4, k))[0].reshape(-1)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  before = measure(s, state)["p_eos"]
+  long, ms = train_steps(s, fused(s, "rcfd_tilt"), state, 4,
+                         demo=np.full_like(s.demo_train, -float(s.sc.max_new_tokens)))
+  assert measure(s, long)["p_eos"] < before
+  assert all(m["tilt_lambda"] < 0 for m in ms)  # demonstrations below the samples: tilt toward shorter reward
 
 
 def test_kl_penalty_keeps_policy_closer_to_reference(setup):
