@@ -1,19 +1,20 @@
-"""The least-KL calibration: objective kl with a beta the demonstrations set (docs/reproduce.md).
+"""The least-KL calibrations: the kl objective with a beta the demonstrations set, or rcfd_tilt (docs/reproduce.md).
 
     python -m rcfd_jax.reproduce --workdir=DIR --seeds=3     # first: assets, stages, the arms compared
     python -m rcfd_jax.reproduce.frontier --workdir=DIR      # the loglik frontier, read if present
-    python benchmarks/calibrated_kl.py --workdir=DIR [--seeds=3] [--beta0=1]
+    python benchmarks/calibrated_kl.py --workdir=DIR [--seeds=3] [--beta0=1] [--objective=rcfd_tilt]
 
-runs objective kl with rl.adaptive_kl=True and rl.adaptive_kl_signal=demo_reward
-(beta starts at --beta0, 0.1 unless given, and moves by at most 2% a step:
-kl_horizon 640 rollouts),
-everything else as the reproduction's arms, on the four tasks for each seed
-below --seeds (DIR/runs/TASK/kl_demo_seedS, or kl_demo_bB_seedS for
---beta0=B), two at a time, reusing
-DIR/jax_cache; finished arms are reused. Then prints, per task and seed, its
-gap / A / distinct-2 share / KL / last beta after the last step beside
-rcfd_group's (when that seed of rcfd_group ran), the rcfd_group targets met,
-and on the loglik tasks the frontier's distinct-2 share at its gap.
+By default runs objective kl with rl.adaptive_kl=True and
+rl.adaptive_kl_signal=demo_reward (beta starts at --beta0, 0.1 unless given,
+and moves by at most 2% a step: kl_horizon 640 rollouts); with
+--objective=rcfd_tilt, that objective instead (no beta). Everything else as
+the reproduction's arms, on the four tasks for each seed below --seeds
+(DIR/runs/TASK/kl_demo_seedS, kl_demo_bB_seedS for --beta0=B, tilt_seedS for
+rcfd_tilt), two at a time, reusing DIR/jax_cache; finished arms are reused.
+Then prints, per task and seed, its gap / A / distinct-2 share / KL / last
+beta (kl) or lambda (rcfd_tilt) after the last step beside rcfd_group's
+(when that seed of rcfd_group ran), the rcfd_group targets met, and on the
+loglik tasks the frontier's distinct-2 share at its gap.
 """
 
 from __future__ import annotations
@@ -34,36 +35,45 @@ HORIZON = 640.0    # rollouts: 64 a step, so beta moves by at most 0.2 * 64 / 64
 TASKS = ("loglik", "sentiment", "loglik_voiced", "sentiment_voiced")
 
 
-def method_name(beta0: float) -> str:
-  """The arm's name: kl_demo for the first design's start, kl_demo_bB for another."""
+OURS = ("kl_demo", "tilt")  # the arms this script runs, by name prefix
+
+
+def method_name(objective: str, beta0: float) -> str:
+  """The arm's name: kl_demo for the first design's start, kl_demo_bB for another, tilt for rcfd_tilt."""
+  if objective == "rcfd_tilt":
+    return "tilt"
   return "kl_demo" if beta0 == BETA0 else f"kl_demo_b{beta0:g}"
 
 
 def arm_dir(d: Path, task: str, seed: int, method: str) -> Path:
-  if method.startswith("kl_demo"):
+  if method.startswith(OURS):
     return d / "runs" / task / f"{method}_seed{seed}"
   return d / "runs" / task / (method if seed == 0 else f"{method}_seed{seed}")
 
 
-def command(d: Path, task: str, seed: int, beta0: float) -> list[str]:
+def command(d: Path, task: str, seed: int, objective: str, beta0: float) -> list[str]:
+  if objective == "rcfd_tilt":
+    arm = ["--config.rl.objective=rcfd_tilt"]
+  else:
+    arm = ["--config.rl.objective=kl", f"--config.rl.beta={beta0}", "--config.rl.adaptive_kl=True",
+           "--config.rl.adaptive_kl_signal=demo_reward", f"--config.rl.kl_horizon={HORIZON}"]
   return [sys.executable, "-m", "rcfd_jax.main", f"--config={config_lib.experiment_file('reproduce')}:{task},{d}",
-          "--config.rl.objective=kl", f"--config.rl.beta={beta0}", "--config.rl.adaptive_kl=True",
-          "--config.rl.adaptive_kl_signal=demo_reward", f"--config.rl.kl_horizon={HORIZON}",
-          f"--config.seed={seed}", f"--workdir={arm_dir(d, task, seed, method_name(beta0))}"]
+          *arm, f"--config.seed={seed}", f"--workdir={arm_dir(d, task, seed, method_name(objective, beta0))}"]
 
 
-def run_all(d: Path, runs: list[tuple[str, int]], beta0: float, parallel: int) -> None:
-  m = method_name(beta0)
-  runner.run_commands(d, {f"{t}/{m}_seed{s}": (command(d, t, s, beta0), arm_dir(d, t, s, m) / "eval" /
+def run_all(d: Path, runs: list[tuple[str, int]], objective: str, beta0: float, parallel: int) -> None:
+  m = method_name(objective, beta0)
+  runner.run_commands(d, {f"{t}/{m}_seed{s}": (command(d, t, s, objective, beta0), arm_dir(d, t, s, m) / "eval" /
                                                "step_200.json") for t, s in runs}, parallel)
 
 
 def row(d: Path, task: str, seed: int, method: str) -> dict | None:
-  """The arm's last evaluation (reproduce.last_row), with the beta of its last logged step."""
+  """The arm's last evaluation (reproduce.last_row), with the beta or lambda of its last logged step."""
   wd = arm_dir(d, task, seed, method)
   r = reproduce.last_row(d, task, wd)
   if r is not None:
-    r["beta"] = json.loads((wd / "metrics.jsonl").read_text().splitlines()[-1]).get("beta", float("nan"))
+    last = json.loads((wd / "metrics.jsonl").read_text().splitlines()[-1])
+    r["coef"] = last.get("tilt_lambda" if method == "tilt" else "beta", float("nan"))
   return r
 
 
@@ -72,18 +82,23 @@ def main() -> None:
   ap.add_argument("--workdir", required=True, help="The reproduction's DIR, after `rcfd_jax.reproduce`.")
   ap.add_argument("--seeds", type=int, default=1, help="Seeds 0 .. S-1 of every task.")
   ap.add_argument("--beta0", type=float, default=BETA0, help="beta at the start (docs/reproduce.md: 0.1, then 1).")
+  ap.add_argument("--objective", choices=("kl", "rcfd_tilt"), default="kl",
+                  help="kl: the demonstration-steered beta; rcfd_tilt: the tilt, which has none.")
   ap.add_argument("--parallel", type=int, default=2)
   args = ap.parse_args()
   d = Path(args.workdir)
   if not (d / "runs").exists():
     sys.exit(f"{d} holds no reproduction: run `python -m rcfd_jax.reproduce --workdir={d}` first")
   runs = [(t, s) for s in range(args.seeds) for t in TASKS]
-  run_all(d, runs, args.beta0, args.parallel)
+  if args.objective == "rcfd_tilt" and args.beta0 != BETA0:
+    sys.exit("--beta0 sets the kl objective's start; rcfd_tilt has no beta: drop --beta0")
+  run_all(d, runs, args.objective, args.beta0, args.parallel)
   edges = json.loads((d / "frontier.json").read_text()) if (d / "frontier.json").exists() else {}
-  print("| task | seed | method | gap | A (SFT) | distinct-2 vs SFT | frontier at gap | KL | beta | targets met |")
+  print("| task | seed | method | gap | A (SFT) | distinct-2 vs SFT | frontier at gap | KL | beta or lambda "
+        "| targets met |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for task, seed in sorted(runs, key=lambda ts: (TASKS.index(ts[0]), ts[1])):
-    for method in (method_name(args.beta0), "rcfd_group"):
+    for method in (method_name(args.objective, args.beta0), "rcfd_group"):
       r = row(d, task, seed, method)
       if r is None:
         print(f"| {task} | {seed} | {method} | (no run) |||||||")
@@ -91,9 +106,9 @@ def main() -> None:
       met = (abs(r["gap"]) <= 0.1) + (r["alignment"] <= r["sft_alignment"]) + (r["distinct_share"] >= 0.8)
       curve = [(p["gap"], p["distinct_share"]) for p in edges.get(task, {}).get("points", [])]
       edge = frontier.interpolate(curve, r["gap"]) if curve else None
-      beta = f"{r['beta']:.3f}" if method.startswith("kl_demo") else "-"
+      coef = f"{r['coef']:.3f}" if method.startswith(OURS) else "-"
       print(f"| {task} | {seed} | {method} | {r['gap']:+.2f} | {r['alignment']:.3f} ({r['sft_alignment']:.3f}) "
-            f"| {r['distinct_share']:.0%} | {'-' if edge is None else f'{edge:.0%}'} | {r['kl']:.1f} | {beta} "
+            f"| {r['distinct_share']:.0%} | {'-' if edge is None else f'{edge:.0%}'} | {r['kl']:.1f} | {coef} "
             f"| {met} of 3 |")
 
 
