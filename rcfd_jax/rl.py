@@ -250,9 +250,9 @@ def tilt_lambda(reward_pg: Array, log_ratio_pg: Array, target: Array | float, bo
   each prompt, w_i ~ exp(lambda R_i + log pi_0(y_i) - log pi(y_i)), its mean
   reward, averaged over the prompts, rises monotonically with lambda (its
   derivative is a weighted variance), so bisection on [-bound, bound] finds
-  the root. Rewards are measured in units of their batch std (with the
-  target) for the bisection, so `bound` is in 1/std; the lambda returned is
-  in the reward's own units. A target outside what the samples can reach
+  the root. The bisection measures rewards from the target in units of the
+  batch's reward std, so `bound` is in 1/std; the lambda returned is in the
+  reward's own units. A target outside what the samples can reach
   returns the bound's lambda: all weight on each prompt's best (or worst)
   sample.
 

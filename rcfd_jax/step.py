@@ -294,6 +294,8 @@ BASELINES: dict[Baseline, Callable] = {
 
 def advantages(sc: StepConfig, score_b, ro: Rollout):
   """(advantages [b, t], returns [b, t]) from the objective's per-rollout score."""
+  if sc.baseline not in BASELINES:
+    raise ValueError(sc.baseline)
   return BASELINES[sc.baseline](sc, score_b, ro)
 
 

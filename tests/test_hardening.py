@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from rcfd_jax import config as config_lib, rewards, train
+from rcfd_jax.policy import load_tokenizer
 from rcfd_jax.errors import UserError
 from rcfd_jax.reproduce import tiny
 
@@ -112,7 +113,7 @@ def test_policy_directory_with_only_a_pickle_and_no_tokenizer_is_named_before_th
 
 
 def test_policy_tokenizer_without_pad_pads_with_eos(tiny_assets, tmp_path):
-  tok = train.load_tokenizer(str(_policy_copy(tiny_assets, tmp_path, pad_token=None)))
+  tok = load_tokenizer(str(_policy_copy(tiny_assets, tmp_path, pad_token=None)))
   assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
 
 
@@ -150,7 +151,7 @@ def test_reward_model_that_cannot_read_the_text(tiny_assets, tmp_path):
 
 
 def test_reward_model_tokenizer_without_pad_pads_with_eos(tiny_assets, tmp_path):
-  policy_tok = train.load_tokenizer(str(Path(tiny_assets) / "policy"))
+  policy_tok = load_tokenizer(str(Path(tiny_assets) / "policy"))
   cfg = tiny_config(tiny_assets, tmp_path).reward.classifier
   cfg.path = str(_foreign_rm(tmp_path, pad=False))
   rm = rewards.load_classifier(cfg, policy_tok, mesh=None)
@@ -189,7 +190,7 @@ def test_dataset_rows_without_text(rows, match, tiny_assets, tmp_path):
   c = prompts.default_data_config()
   c.path = str(f)
   with pytest.raises(UserError, match=match):
-    prompts.load_prompts(c, train.load_tokenizer(str(Path(tiny_assets) / "policy")))
+    prompts.load_prompts(c, load_tokenizer(str(Path(tiny_assets) / "policy")))
 
 
 def test_dataset_line_that_is_not_json(tiny_assets, tmp_path):
@@ -199,7 +200,7 @@ def test_dataset_line_that_is_not_json(tiny_assets, tmp_path):
   c = prompts.default_data_config()
   c.path = str(f)
   with pytest.raises(UserError, match="could not be read as json.*check the file format"):
-    prompts.load_prompts(c, train.load_tokenizer(str(Path(tiny_assets) / "policy")))
+    prompts.load_prompts(c, load_tokenizer(str(Path(tiny_assets) / "policy")))
 
 
 # --------------------------------------------------------------------------- untrusted files

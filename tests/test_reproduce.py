@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rcfd_jax.errors import UserError
+from rcfd_jax.policy import load_tokenizer
 from rcfd_jax.reproduce import frontier, report, run
 
 
@@ -74,7 +75,7 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
     train = [json.loads(line) for line in (root / "splits" / "train.jsonl").read_text().splitlines()]
     positive = [json.loads(line) for line in (root / "splits" / "positive.jsonl").read_text().splitlines()]
     assert positive == [r for r in train if r["label"] == "positive"]
-    tokenizer = run.train.load_tokenizer(str(root / "assets" / "policy"))
+    tokenizer = load_tokenizer(str(root / "assets" / "policy"))
     train_texts = [r["text"] for r in train]
     held = 0
     for task in (t for t, (r, _) in run.TASKS.items() if r == regime):

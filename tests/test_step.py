@@ -51,6 +51,15 @@ def test_objectives_and_baselines_are_named_once():
   assert config_lib.BASELINES == tuple(step_lib.BASELINES) == typing.get_args(step_lib.Baseline)
 
 
+def test_unknown_objective_or_baseline_names_itself():
+  """A StepConfig built past config.check still fails on a name the step does not know, naming it."""
+  sc = step_lib.StepConfig.from_config(config_lib.base(), eos_id=2, pad_id=0)
+  with pytest.raises(ValueError, match="maximum"):
+    step_lib.objective(dataclasses.replace(sc, objective="maximum"), None, None, None, None, None)
+  with pytest.raises(ValueError, match="baseline_x"):
+    step_lib.advantages(dataclasses.replace(sc, baseline="baseline_x"), None, None)
+
+
 def test_step_config_reads_each_field_from_its_config_entry():
   c = config_lib.base()
   c.rollout.samples_per_prompt, c.rollout.max_new_tokens, c.rollout.top_k = 3, 11, 5
@@ -216,7 +225,7 @@ def test_rcfd_tilt_weighs_each_prompts_samples_by_their_log_ratio_and_pushes_tow
   long, ms = train_steps(s, fused(s, "rcfd_tilt"), state, 4,
                          demo=np.full_like(s.demo_train, -float(s.sc.max_new_tokens)))
   assert measure(s, long)["p_eos"] < before
-  assert all(m["tilt_lambda"] < 0 for m in ms)  # demonstrations below the samples: tilt toward shorter reward
+  assert all(m["tilt_lambda"] < 0 for m in ms)  # the demonstrations score below the samples: lambda < 0
 
 
 def test_kl_penalty_keeps_policy_closer_to_reference(setup):
