@@ -312,6 +312,25 @@ def rcfd_tilt(reward_pg: Array, demo_reward_p: Array, log_ratio_pg: Array) -> tu
   return g * w_pg - 1.0, lam
 
 
+def tilt_diagnostics(reward_pg: Array, log_ratio_pg: Array, lam: Array) -> dict[str, Array]:
+  """What drives rcfd_tilt's weights, averaged over prompts.
+
+  Returns:
+    ess: the weights' effective sample size per prompt, 1 / sum_i w_i^2,
+      from 1 (all weight on one sample) to G (flat: the policy is the tilt).
+    reward_spread: the within-prompt std of lambda R_i, the part of the log
+      weights the reward sets.
+    ratio_spread: the within-prompt std of log pi_0(y_i) - log pi(y_i), the
+      part the policy's distance from pi_0 sets.
+  """
+  reward_pg = jnp.asarray(reward_pg, jnp.float32)
+  log_ratio_pg = jnp.asarray(log_ratio_pg, jnp.float32)
+  w_pg = jax.nn.softmax(lam * reward_pg + log_ratio_pg, axis=1)
+  return {"ess": jnp.mean(1.0 / jnp.sum(jnp.square(w_pg), axis=1)),
+          "reward_spread": jnp.mean(jnp.std(lam * reward_pg, axis=1)),
+          "ratio_spread": jnp.mean(jnp.std(log_ratio_pg, axis=1))}
+
+
 def group_spread(reward_pgk: Array, tol: float = 1e-6) -> tuple[Array, Array]:
   """Collapse monitors per reward component, over prompts with G >= 2 samples.
 

@@ -426,8 +426,12 @@ def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | 
     for i, name in enumerate(rewards.names):
       metrics[f"reward_within_prompt_std/{name}"] = within_k[i]
       metrics[f"reward_tied_frac/{name}"] = tied_k[i]
-  if sc.objective == "rcfd_tilt":  # the tilt's lambda this step, in 1 / reward units
-    metrics["tilt_lambda"] = _tilt_groups(sc, reward_bk, ro.demo_reward, log_ratio_b)[1]
+  if sc.objective == "rcfd_tilt":  # the tilt's lambda this step (1 / reward units), and what sets its weights
+    g = sc.samples_per_prompt
+    lam = _tilt_groups(sc, reward_bk, ro.demo_reward, log_ratio_b)[1]
+    metrics["tilt_lambda"] = lam
+    for name, v in rl.tilt_diagnostics(reward_bk[:, 0].reshape(-1, g), log_ratio_b.reshape(-1, g), lam).items():
+      metrics[f"tilt_{name}"] = v
   metrics.update({k: v.mean() for k, v in logs.items()})
   return new_state, metrics
 

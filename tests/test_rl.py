@@ -403,6 +403,7 @@ def test_everything_jits():
       "rcfd": (rl.rcfd, (r_bk, r_bk * 0.5)),
       "rcfd_group": (rl.rcfd_group, (x[:, :4], r_b)),
       "rcfd_tilt": (rl.rcfd_tilt, (x[:, :4], r_b, x[:, 3:7])),
+      "tilt_diagnostics": (rl.tilt_diagnostics, (x[:, :4], x[:, 3:7], 2.0)),
       "adaptive_kl": (rl.adaptive_kl, (jnp.asarray(0.1, jnp.float32), 3.0, 6.0, 1e4, 256)),
       "demo_calibrated_kl": (rl.demo_calibrated_kl, (jnp.asarray(0.1, jnp.float32), r_b, r_b + 1.0, 640.0, 64)),
       "whiten": (rl.whiten, (r_b,)),
@@ -624,6 +625,21 @@ def test_rcfd_tilt_is_still_where_the_policy_is_the_tilt():
   adv, lam = rl.rcfd_tilt(reward, np.full(8, reward.mean(), np.float32), -0.7 * reward + log_z)
   assert float(lam) == pytest.approx(0.7, abs=1e-4)
   np.testing.assert_allclose(adv, 0.0, atol=1e-4)
+
+
+def test_tilt_diagnostics_match_numpy():
+  rng = _rng(33)
+  reward = rng.normal(size=(5, 4)).astype(np.float32)
+  log_ratio = rng.normal(size=(5, 4)).astype(np.float32)
+  got = rl.tilt_diagnostics(reward, log_ratio, 2.0)
+  a = 2.0 * reward.astype(np.float64) + log_ratio
+  w = np.exp(a - a.max(1, keepdims=True))
+  w /= w.sum(1, keepdims=True)
+  assert float(got["ess"]) == pytest.approx(np.mean(1 / (w ** 2).sum(1)), rel=1e-5)
+  assert float(got["reward_spread"]) == pytest.approx(np.mean((2.0 * reward).std(1)), rel=1e-5)
+  assert float(got["ratio_spread"]) == pytest.approx(np.mean(log_ratio.std(1)), rel=1e-5)
+  flat = rl.tilt_diagnostics(reward, -2.0 * reward, 2.0)  # the policy is the tilt: flat weights
+  assert float(flat["ess"]) == pytest.approx(4.0, rel=1e-5)
 
 
 def test_toy_policy_rcfd_tilt_reaches_the_least_kl_policy_with_the_demonstrations_mean():

@@ -226,6 +226,7 @@ def test_rcfd_tilt_weighs_each_prompts_samples_by_their_log_ratio_and_pushes_tow
                          demo=np.full_like(s.demo_train, -float(s.sc.max_new_tokens)))
   assert measure(s, long)["p_eos"] < before
   assert all(m["tilt_lambda"] < 0 for m in ms)  # the demonstrations score below the samples: lambda < 0
+  assert all(1 <= m["tilt_ess"] <= k and m["tilt_reward_spread"] >= 0 and m["tilt_ratio_spread"] >= 0 for m in ms)
 
 
 def test_kl_penalty_keeps_policy_closer_to_reference(setup):
