@@ -20,6 +20,7 @@ from rcfd_jax.errors import UserError, need
 
 OBJECTIVES = tuple(step.OBJECTIVES)  # rl.objective: the objectives the step knows by name
 BASELINES = tuple(step.BASELINES)    # rl.baseline: the advantage baselines the step knows by name
+GROUP_OBJECTIVES = ("rcfd_group", "rcfd_tilt")  # advantages centred within each prompt's samples
 CALIBRATION_TARGETS = ("demo", "mean")  # rl.rcfd_target: rcfd_jax.demos.calibration_targets
 ALGORITHMS = ("reinforce", "ppo")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype -> the policy's dtype
@@ -178,18 +179,13 @@ def check(c: ml_collections.ConfigDict) -> None:
   need(k >= 1, "config.rollout.samples_per_prompt must be >= 1")
   need(not (c.rl.baseline == "loo" and k < 2),
        "config.rl.baseline=loo needs config.rollout.samples_per_prompt >= 2")
-  if c.rl.objective == "rcfd_group":
-    need(k >= 2, f"config.rl.objective=rcfd_group compares each sample with the prompt's other samples: "
+  if c.rl.objective in GROUP_OBJECTIVES:
+    need(k >= 2, f"config.rl.objective={c.rl.objective} weighs each sample against the prompt's other samples: "
          f"set config.rollout.samples_per_prompt >= 2 (it is {k})")
     need(c.rl.baseline in ("whiten", "none"),
-         f"config.rl.objective=rcfd_group is its own leave-one-out advantage: set config.rl.baseline "
+         f"config.rl.objective={c.rl.objective} is its own within-prompt advantage: set config.rl.baseline "
          f"to whiten or none (it is {c.rl.baseline})")
   if c.rl.objective == "rcfd_tilt":
-    need(k >= 2, f"config.rl.objective=rcfd_tilt weighs each sample against the prompt's other samples: "
-         f"set config.rollout.samples_per_prompt >= 2 (it is {k})")
-    need(c.rl.baseline in ("whiten", "none"),
-         f"config.rl.objective=rcfd_tilt is its own within-prompt advantage: set config.rl.baseline "
-         f"to whiten or none (it is {c.rl.baseline})")
     need(len(c.reward.sources) == 1,
          f"config.rl.objective=rcfd_tilt calibrates one reward and config.reward.sources has "
          f"{len(c.reward.sources)}: keep one source, or use rcfd_group for several")
