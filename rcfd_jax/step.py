@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from rcfd_jax import rl, sampler
+from rcfd_jax import calibration, rl, sampler
 from rcfd_jax.policy import PolicyParts
 from rcfd_jax.rewards import Rewards
 
@@ -223,20 +223,20 @@ def _weighted_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
 
 
 def _rcfd_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
-  return rl.rcfd(reward_bk, demo_bk)
+  return calibration.rcfd(reward_bk, demo_bk)
 
 
 def _rcfd_group_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
   """Already an advantage: centred within each prompt's group of samples."""
   g = sc.samples_per_prompt
   demo_pk = demo_bk.reshape(-1, g, demo_bk.shape[-1])[:, 0]
-  return rl.rcfd_group(reward_bk.reshape(-1, g, reward_bk.shape[-1]), demo_pk).reshape(-1)
+  return calibration.rcfd_group(reward_bk.reshape(-1, g, reward_bk.shape[-1]), demo_pk).reshape(-1)
 
 
 def _tilt_groups(sc, reward_bk, demo_bk, log_ratio_b):
-  """rl.rcfd_tilt's ([P, G] advantages, lambda) from one reward source's [b] rows."""
+  """calibration.rcfd_tilt's ([P, G] advantages, lambda) from one reward source's [b] rows."""
   g = sc.samples_per_prompt
-  return rl.rcfd_tilt(reward_bk[:, 0].reshape(-1, g), demo_bk[:, 0].reshape(-1, g)[:, 0],
+  return calibration.rcfd_tilt(reward_bk[:, 0].reshape(-1, g), demo_bk[:, 0].reshape(-1, g)[:, 0],
                       log_ratio_b.reshape(-1, g))
 
 
@@ -421,17 +421,17 @@ def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | 
   for i, name in enumerate(rewards.names):
     metrics[f"reward/{name}"] = reward_bk[:, i].mean()
     metrics[f"demo_reward/{name}"] = ro.demo_reward[:, i].mean()
-  if sc.samples_per_prompt >= 2:  # collapse monitors: each prompt's g samples scoring alike
-    within_k, tied_k = rl.group_spread(reward_bk.reshape(-1, sc.samples_per_prompt, reward_bk.shape[-1]))
+  g = sc.samples_per_prompt
+  if g >= 2:  # collapse monitors: each prompt's g samples scoring alike
+    within_k, tied_k = calibration.group_spread(reward_bk.reshape(-1, g, reward_bk.shape[-1]))
     for i, name in enumerate(rewards.names):
       metrics[f"reward_within_prompt_std/{name}"] = within_k[i]
       metrics[f"reward_tied_frac/{name}"] = tied_k[i]
   if sc.objective == "rcfd_tilt":  # the tilt's lambda this step (1 / reward units), and what sets its weights
-    g = sc.samples_per_prompt
     lam = _tilt_groups(sc, reward_bk, ro.demo_reward, log_ratio_b)[1]
     metrics["tilt_lambda"] = lam
-    for name, v in rl.tilt_diagnostics(reward_bk[:, 0].reshape(-1, g), log_ratio_b.reshape(-1, g), lam).items():
-      metrics[f"tilt_{name}"] = v
+    diagnostics = calibration.tilt_diagnostics(reward_bk[:, 0].reshape(-1, g), log_ratio_b.reshape(-1, g), lam)
+    metrics.update({f"tilt_{name}": v for name, v in diagnostics.items()})
   metrics.update({k: v.mean() for k, v in logs.items()})
   return new_state, metrics
 

@@ -24,7 +24,7 @@ import pytest
 from flax import nnx
 
 from conftest import load_config
-from rcfd_jax import bridge, checkpoint, config as config_lib, metrics, models, rewards, rl, train
+from rcfd_jax import bridge, calibration, checkpoint, config as config_lib, metrics, models, rewards, rl, train
 from rcfd_jax.errors import UserError
 from rcfd_jax.models import layers as L
 from rcfd_jax import step as step_lib
@@ -184,7 +184,7 @@ def test_rcfd_pulls_reward_toward_the_demonstrations(setup):
 
 
 def test_rcfd_group_groups_each_prompts_samples_and_pushes_toward_the_demonstration(setup):
-  """The step hands rl.rcfd_group each prompt's k consecutive rollouts, and the update follows it.
+  """The step hands calibration.rcfd_group each prompt's k consecutive rollouts, and the update follows it.
 
   Demonstrations as long as the budget: the few groups holding an early EOS
   have a mean above R_d = -n, and the update makes EOS rarer. (Short
@@ -197,7 +197,7 @@ def test_rcfd_group_groups_each_prompts_samples_and_pushes_toward_the_demonstrat
   demo_rk = np.repeat(rng.normal(size=(4, 2)), k, axis=0).astype(np.float32)
   sc = dataclasses.replace(s.sc, objective="rcfd_group")
   got = step_lib.objective(sc, jnp.asarray(reward_rk), jnp.asarray(demo_rk), None, None, None)
-  want = rl.rcfd_group(reward_rk.reshape(4, k, 2), demo_rk[::k]).reshape(-1)
+  want = calibration.rcfd_group(reward_rk.reshape(4, k, 2), demo_rk[::k]).reshape(-1)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   before = measure(s, state)["p_eos"]
   long, ms = train_steps(s, fused(s, "rcfd_group"), state, 4,
@@ -209,7 +209,7 @@ def test_rcfd_group_groups_each_prompts_samples_and_pushes_toward_the_demonstrat
 
 
 def test_rcfd_tilt_weighs_each_prompts_samples_by_their_log_ratio_and_pushes_toward_the_demonstration(reinforce):
-  """The step hands rl.rcfd_tilt each prompt's k consecutive rollouts with log pi_0 - log pi, and follows it."""
+  """The step hands calibration.rcfd_tilt each prompt's k rollouts with log pi_0 - log pi, and follows it."""
   s, state = reinforce
   k = s.sc.samples_per_prompt
   rng = np.random.default_rng(1)
@@ -219,7 +219,7 @@ def test_rcfd_tilt_weighs_each_prompts_samples_by_their_log_ratio_and_pushes_tow
   sc = dataclasses.replace(s.sc, objective="rcfd_tilt")
   assert step_lib.reads_reference(sc, s.rewards)
   got = step_lib.objective(sc, jnp.asarray(reward_rk), jnp.asarray(demo_rk), None, None, jnp.asarray(log_ratio_r))
-  want = rl.rcfd_tilt(reward_rk.reshape(4, k), demo_rk[::k, 0], log_ratio_r.reshape(4, k))[0].reshape(-1)
+  want = calibration.rcfd_tilt(reward_rk.reshape(4, k), demo_rk[::k, 0], log_ratio_r.reshape(4, k))[0].reshape(-1)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   before = measure(s, state)["p_eos"]
   long, ms = train_steps(s, fused(s, "rcfd_tilt"), state, 4,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rcfd_jax import config as config_lib
-from rcfd_jax import demos, rl
+from rcfd_jax import calibration, demos
 from rcfd_jax.errors import UserError
 
 
@@ -39,7 +39,7 @@ def _gradients(target: str, batches: int = 4000, p: int = 16, g: int = 4, seed: 
     if target == "mean":
       demo_p = jnp.full((p,), 0.6)
     y_pg = jax.random.categorical(k_sample, theta, shape=(p, g))
-    adv = rl.rcfd_group(r_v[y_pg], demo_p).reshape(-1)
+    adv = calibration.rcfd_group(r_v[y_pg], demo_p).reshape(-1)
     return jax.grad(lambda th: jnp.mean(adv * jax.nn.log_softmax(th)[y_pg.reshape(-1)]))(theta)
 
   return np.asarray(jax.vmap(one)(jax.random.split(jax.random.key(seed), batches)), np.float64)
