@@ -5,6 +5,7 @@ voiced one), so it builds every kind of stage and arm, rcfd_group included, two 
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -104,6 +105,11 @@ def test_quick_reproduction_writes_results_and_reuses_finished_runs(tmp_path):
   assert f["entropy_ceiling"] == -on_disk["loglik"]["sft"]["demo_reward_mean"]
   assert json.loads((d / "frontier.json").read_text()) == fr
   assert "| max | " in (d / "frontier.md").read_text()
+  # An extra seed's arm, however high the seed --seeds ran to, is placed too.
+  shutil.copytree(d / "runs" / "loglik" / "rcfd_group", d / "runs" / "loglik" / "rcfd_group_seed4")
+  assert frontier.seeds_run(d, "loglik") == 5
+  placed = frontier.main(str(d), quick=True)["loglik"]["arms"]
+  assert list(placed) == methods[1:] + ["rcfd_group_seed4"] and placed["rcfd_group_seed4"] == placed["rcfd_group"]
 
 
 def test_frontier_interpolates_between_the_points_that_bracket_a_gap():

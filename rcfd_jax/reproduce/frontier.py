@@ -32,7 +32,6 @@ from rcfd_jax.reproduce import report, run
 
 TEMPERATURES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 QUICK_TEMPERATURES = (1.0, 0.5)
-SEEDS = 3   # arms of seeds 1 .. SEEDS - 1 (`rcfd_jax.reproduce --seeds`) are placed too, when present
 KEEP = 0.8  # the share of the SFT policy's distinct-2 that the targets ask of rcfd_group
 
 
@@ -49,6 +48,16 @@ def measure(d: Path, task: str, temperature: float, quick: bool) -> dict:
   config = run.rl_config(task, run.Arm("sft", ""), d, quick)
   config.eval.temperature = temperature
   return run.evaluate(config, wd)[2]
+
+
+def seeds_run(d: Path, task: str) -> int:
+  """1 + the highest extra seed whose arm `rcfd_jax.reproduce --seeds` ran on `task` (1 if none)."""
+  seeds = [0]
+  for p in (d / "runs" / task).glob("*_seed*"):
+    method, _, seed = p.name.rpartition("_seed")
+    if method in run.SEED_METHODS and seed.isdigit():
+      seeds.append(int(seed))
+  return max(seeds) + 1
 
 
 def interpolate(points: list[tuple[float, float]], at: float) -> float | None:
@@ -77,7 +86,7 @@ def frontier(d: Path, quick: bool) -> dict:
                      "reward_mean": ev["reward_mean"], "distinct_2": ev["distinct_2"]})
     curve = [(p["gap"], p["distinct_share"]) for p in points]
     arms = {}
-    for arm in run.arms(quick, SEEDS):  # the extra seeds' arms too, where --seeds ran them
+    for arm in run.arms(quick, seeds_run(d, task)):  # the extra seeds' arms too, where --seeds ran them
       if not arm.objective or not (d / "runs" / task / arm.name / "eval").exists():
         continue
       arms[arm.name] = []
