@@ -29,19 +29,12 @@ def load_policy(path: str):
   `path` is a Hugging Face directory, a hub id, or a training workdir (the
   latest good checkpoint, LoRA merged, with the policy's tokenizer).
   """
-  from transformers import AutoTokenizer
-
   from rcfd_jax import export, models
+  from rcfd_jax.models import hf
   if export.is_workdir(path):
     model, tokenizer, _ = export.load_trained(path)
     return model, tokenizer
-  model = models.load_pretrained(path, task="causal_lm")
-  try:
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot load a tokenizer from {path} ({type(e).__name__}); save the "
-                    "tokenizer into the model directory (tokenizer.save_pretrained)") from None
-  return model, tokenizer
+  return models.load_pretrained(path, task="causal_lm"), hf.open_tokenizer(path)
 
 
 def _special_ids(model, tokenizer) -> tuple[int, int]:

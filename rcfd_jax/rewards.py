@@ -137,11 +137,7 @@ class Classifier:
 
 def load_rm_tokenizer(model_dir):
   """The reward model's tokenizer, padding with eos where it has no pad token."""
-  from transformers import AutoTokenizer
-  try:
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-  except Exception as e:
-    raise UserError(f"cannot load the reward model's tokenizer from {model_dir}: {e}") from None
+  tok = hf.open_tokenizer(model_dir, "the reward model's tokenizer")
   if tok.pad_token is None:  # the bridge pads to max_tokens; the mask hides the pad id
     if tok.eos_token is None:
       raise UserError(f"the reward model's tokenizer in {model_dir} has neither a pad nor an eos token; "

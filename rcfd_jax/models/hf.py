@@ -117,17 +117,24 @@ def read_config(model_dir: Path) -> dict[str, Any]:
   return cfg
 
 
+def open_tokenizer(path: str, what: str = "a tokenizer"):
+  """The tokenizer of a model directory (or hub id), or one error line naming `what` and the directory."""
+  from transformers import AutoTokenizer
+  model_dir = resolve_dir(path)
+  try:
+    return AutoTokenizer.from_pretrained(str(model_dir))
+  except Exception as e:  # transformers raises many types for a missing or broken tokenizer
+    raise UserError(f"cannot load {what} from {model_dir} ({type(e).__name__}: {e}); save the tokenizer "
+                    "into the model directory (tokenizer.save_pretrained(dir))") from None
+
+
 def load_tokenizer(path: str):
   """The tokenizer of a model directory (or hub id); it must know its EOS token.
 
   The trainers append EOS to every text and stop generation at it.
   """
-  from transformers import AutoTokenizer
   model_dir = resolve_dir(path)
-  try:
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-  except Exception as e:  # transformers raises many types for a missing or broken tokenizer
-    raise UserError(f"cannot load a tokenizer from {model_dir}: {e}") from None
+  tok = open_tokenizer(str(model_dir))
   if tok.eos_token_id is None:
     raise UserError(f"the tokenizer in {model_dir} has no eos token; set eos_token in its tokenizer_config.json")
   return tok
