@@ -186,6 +186,9 @@ def check(c: ml_collections.ConfigDict) -> None:
          f"config.rl.objective={c.rl.objective} is its own within-prompt advantage: set config.rl.baseline "
          f"to whiten or none (it is {c.rl.baseline})")
   if c.rl.objective == "rcfd_tilt":
+    need(c.rollout.temperature == 1.0 and c.rollout.top_k == 0 and c.rollout.top_p == 1.0,
+         "config.rl.objective=rcfd_tilt weighs samples by the policy's own probabilities, so it samples the "
+         "policy as it is: set config.rollout.temperature=1.0, top_k=0 and top_p=1.0")
     need(len(c.reward.sources) == 1,
          f"config.rl.objective=rcfd_tilt calibrates one reward and config.reward.sources has "
          f"{len(c.reward.sources)}: keep one source, or use rcfd_group for several")

@@ -77,12 +77,17 @@ def test_group_objectives_take_no_other_baseline(objective):
       config_lib.check(c)
 
 
-def test_rcfd_tilt_takes_one_reward():
+def test_rcfd_tilt_takes_one_reward_and_the_untempered_policy():
   c = load_config("tiny", {"rl.objective": "rcfd_tilt", "rollout.samples_per_prompt": 4, "rl.baseline": "whiten"})
   with pytest.raises(UserError, match="calibrates one reward"):
     config_lib.check(c)
   c.reward.sources = ("loglik",)
   config_lib.check(c)
+  for field, value in (("temperature", 0.7), ("top_k", 5), ("top_p", 0.9)):
+    changed = load_config("tiny", {"rl.objective": "rcfd_tilt", "rollout.samples_per_prompt": 4,
+                                   "rl.baseline": "whiten", "reward.sources": ("loglik",), f"rollout.{field}": value})
+    with pytest.raises(UserError, match="temperature=1.0, top_k=0 and top_p=1.0"):
+      config_lib.check(changed)
 
 
 def test_demo_reward_controller_needs_the_adaptive_kl_objective():
