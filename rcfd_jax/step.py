@@ -206,43 +206,41 @@ def make_rollout(parts: PolicyParts, rewards: Rewards, sc: StepConfig) -> Callab
 
 
 # ----------------------------------------------------------------------------
-# Objectives: (sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b) -> [b], the scalar reward the policy
-# maximises; log_ratio_b is log pi_0(y) - log pi(y) per completion (exact, whatever kl_estimator is).
+# Objectives: (sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b) -> ([b] the scalar reward the policy
+# maximises, {name: scalar} metrics of its own); log_ratio_b is log pi_0(y) - log pi(y) per completion
+# (exact, whatever kl_estimator is).
 
 
 def _max_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
-  return reward_bk.sum(-1)
+  return reward_bk.sum(-1), {}
 
 
 def _kl_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
-  return rl.kl_penalized(reward_bk.sum(-1), seq_kl_b, beta)
+  return rl.kl_penalized(reward_bk.sum(-1), seq_kl_b, beta), {}
 
 
 def _weighted_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
-  return rl.weighted(reward_bk, jnp.asarray(sc.alpha, jnp.float32))
+  return rl.weighted(reward_bk, jnp.asarray(sc.alpha, jnp.float32)), {}
 
 
 def _rcfd_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
-  return calibration.rcfd(reward_bk, demo_bk)
+  return calibration.rcfd(reward_bk, demo_bk), {}
 
 
 def _rcfd_group_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
   """Already an advantage: centred within each prompt's group of samples."""
   g = sc.samples_per_prompt
   demo_pk = demo_bk.reshape(-1, g, demo_bk.shape[-1])[:, 0]
-  return calibration.rcfd_group(reward_bk.reshape(-1, g, reward_bk.shape[-1]), demo_pk).reshape(-1)
-
-
-def _tilt_groups(sc, reward_bk, demo_bk, log_ratio_b):
-  """calibration.rcfd_tilt's ([P, G] advantages, lambda) from one reward source's [b] rows."""
-  g = sc.samples_per_prompt
-  return calibration.rcfd_tilt(reward_bk[:, 0].reshape(-1, g), demo_bk[:, 0].reshape(-1, g)[:, 0],
-                      log_ratio_b.reshape(-1, g))
+  return calibration.rcfd_group(reward_bk.reshape(-1, g, reward_bk.shape[-1]), demo_pk).reshape(-1), {}
 
 
 def _rcfd_tilt_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
-  """Already an advantage: centred within each prompt's group of samples."""
-  return _tilt_groups(sc, reward_bk, demo_bk, log_ratio_b)[0].reshape(-1)
+  """Already an advantage, centred within each prompt; logs lambda (1 / reward units) and what sets the weights."""
+  g = sc.samples_per_prompt
+  reward_pg, log_ratio_pg = reward_bk[:, 0].reshape(-1, g), log_ratio_b.reshape(-1, g)
+  adv_pg, lam = calibration.rcfd_tilt(reward_pg, demo_bk[:, 0].reshape(-1, g)[:, 0], log_ratio_pg)
+  diagnostics = calibration.tilt_diagnostics(reward_pg, log_ratio_pg, lam)
+  return adv_pg.reshape(-1), {"tilt_lambda": lam, **{f"tilt_{name}": v for name, v in diagnostics.items()}}
 
 
 # config.OBJECTIVES (what config.check accepts) is this dict's keys.
@@ -252,7 +250,7 @@ OBJECTIVES: dict[Objective, Callable] = {
 
 
 def objective(sc: StepConfig, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
-  """The scalar reward the policy maximises, one per rollout."""
+  """([b] the scalar reward the policy maximises, one per rollout; {name: scalar} the objective's metrics)."""
   if sc.objective not in OBJECTIVES:
     raise ValueError(sc.objective)
   return OBJECTIVES[sc.objective](sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b)
@@ -386,7 +384,7 @@ def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | 
   reward_bk = rewards.stack(dict(ro.rewards, **(host_rewards or {})))
   seq_kl_b = rl.sequence_kl(ro.logp, ro.ref_logp, ro.mask, sc.kl_estimator)
   log_ratio_b = -rl.sequence_kl(ro.logp, ro.ref_logp, ro.mask, "k1")
-  score_b = objective(sc, reward_bk, ro.demo_reward, seq_kl_b, state.beta, log_ratio_b)
+  score_b, objective_metrics = objective(sc, reward_bk, ro.demo_reward, seq_kl_b, state.beta, log_ratio_b)
   adv_bt, returns_bt = advantages(sc, score_b, ro)
   data = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens, mask=ro.mask,
               logp=ro.logp, values=ro.values, adv=adv_bt, returns=returns_bt)
@@ -427,11 +425,7 @@ def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | 
     for i, name in enumerate(rewards.names):
       metrics[f"reward_within_prompt_std/{name}"] = within_k[i]
       metrics[f"reward_tied_frac/{name}"] = tied_k[i]
-  if sc.objective == "rcfd_tilt":  # the tilt's lambda this step (1 / reward units), and what sets its weights
-    lam = _tilt_groups(sc, reward_bk, ro.demo_reward, log_ratio_b)[1]
-    metrics["tilt_lambda"] = lam
-    diagnostics = calibration.tilt_diagnostics(reward_bk[:, 0].reshape(-1, g), log_ratio_b.reshape(-1, g), lam)
-    metrics.update({f"tilt_{name}": v for name, v in diagnostics.items()})
+  metrics.update(objective_metrics)
   metrics.update({k: v.mean() for k, v in logs.items()})
   return new_state, metrics
 

@@ -196,7 +196,8 @@ def test_rcfd_group_groups_each_prompts_samples_and_pushes_toward_the_demonstrat
   reward_rk = rng.normal(size=(4 * k, 2)).astype(np.float32)
   demo_rk = np.repeat(rng.normal(size=(4, 2)), k, axis=0).astype(np.float32)
   sc = dataclasses.replace(s.sc, objective="rcfd_group")
-  got = step_lib.objective(sc, jnp.asarray(reward_rk), jnp.asarray(demo_rk), None, None, None)
+  got, extra = step_lib.objective(sc, jnp.asarray(reward_rk), jnp.asarray(demo_rk), None, None, None)
+  assert extra == {}
   want = calibration.rcfd_group(reward_rk.reshape(4, k, 2), demo_rk[::k]).reshape(-1)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   before = measure(s, state)["p_eos"]
@@ -218,9 +219,11 @@ def test_rcfd_tilt_weighs_each_prompts_samples_by_their_log_ratio_and_pushes_tow
   log_ratio_r = rng.normal(size=4 * k).astype(np.float32)
   sc = dataclasses.replace(s.sc, objective="rcfd_tilt")
   assert step_lib.reads_reference(sc, s.rewards)
-  got = step_lib.objective(sc, jnp.asarray(reward_rk), jnp.asarray(demo_rk), None, None, jnp.asarray(log_ratio_r))
-  want = calibration.rcfd_tilt(reward_rk.reshape(4, k), demo_rk[::k, 0], log_ratio_r.reshape(4, k))[0].reshape(-1)
-  np.testing.assert_allclose(got, want, rtol=1e-6)
+  got, extra = step_lib.objective(sc, jnp.asarray(reward_rk), jnp.asarray(demo_rk), None, None,
+                                  jnp.asarray(log_ratio_r))
+  want, lam = calibration.rcfd_tilt(reward_rk.reshape(4, k), demo_rk[::k, 0], log_ratio_r.reshape(4, k))
+  np.testing.assert_allclose(got, want.reshape(-1), rtol=1e-6)
+  assert float(extra["tilt_lambda"]) == pytest.approx(float(lam))
   before = measure(s, state)["p_eos"]
   long, ms = train_steps(s, fused(s, "rcfd_tilt"), state, 4,
                          demo=np.full_like(s.demo_train, -float(s.sc.max_new_tokens)))
