@@ -2,15 +2,17 @@
 
     python -m rcfd_jax.reproduce --workdir=DIR --seeds=3     # first: assets, stages, the arms compared
     python -m rcfd_jax.reproduce.frontier --workdir=DIR      # the loglik frontier, read if present
-    python benchmarks/calibrated_kl.py --workdir=DIR [--seeds=3] [--beta0=1] [--objective=rcfd_tilt]
+    python benchmarks/calibrated_kl.py --workdir=DIR [--seeds=3] [--beta0=1] [--objective=rcfd_tilt [--proposal=reference]]
 
 By default runs objective kl with rl.adaptive_kl=True and
 rl.adaptive_kl_signal=demo_reward (beta starts at --beta0, 0.1 unless given,
 and moves by at most 2% a step: kl_horizon 640 rollouts); with
---objective=rcfd_tilt, that objective instead (no beta). Everything else as
-the reproduction's arms, on the four tasks for each seed below --seeds
-(DIR/runs/TASK/kl_demo_seedS, kl_demo_bB_seedS for --beta0=B, tilt_seedS for
-rcfd_tilt), two at a time, reusing DIR/jax_cache; finished arms are reused.
+--objective=rcfd_tilt, that objective instead (no beta), on the policy's
+samples or, with --proposal=reference, on pi_0's (rl.tilt_proposal=reference,
+rl.baseline=none). Everything else as the reproduction's arms, on the four
+tasks for each seed below --seeds (DIR/runs/TASK/kl_demo_seedS,
+kl_demo_bB_seedS for --beta0=B, tilt_seedS for rcfd_tilt, tilt_ref_seedS for
+its reference proposal), two at a time, reusing DIR/jax_cache; finished arms are reused.
 Then prints, per task and seed, its gap / A / distinct-2 share / KL / last
 beta (kl) or lambda (rcfd_tilt) after the last step beside rcfd_group's
 (when that seed of rcfd_group ran), the rcfd_group targets met, and on the
@@ -38,10 +40,10 @@ TASKS = ("loglik", "sentiment", "loglik_voiced", "sentiment_voiced")
 OURS = ("kl_demo", "tilt")  # the arms this script runs, by name prefix
 
 
-def method_name(objective: str, beta0: float) -> str:
-  """The arm's name: kl_demo for the first design's start, kl_demo_bB for another, tilt for rcfd_tilt."""
+def method_name(objective: str, beta0: float, proposal: str = "policy") -> str:
+  """The arm's name: kl_demo for the first design's start, kl_demo_bB for another, tilt (tilt_ref) for rcfd_tilt."""
   if objective == "rcfd_tilt":
-    return "tilt"
+    return "tilt_ref" if proposal == "reference" else "tilt"
   return "kl_demo" if beta0 == BETA0 else f"kl_demo_b{beta0:g}"
 
 
@@ -51,20 +53,24 @@ def arm_dir(d: Path, task: str, seed: int, method: str) -> Path:
   return d / "runs" / task / (method if seed == 0 else f"{method}_seed{seed}")
 
 
-def command(d: Path, task: str, seed: int, objective: str, beta0: float) -> list[str]:
+def command(d: Path, task: str, seed: int, objective: str, beta0: float, proposal: str = "policy") -> list[str]:
   if objective == "rcfd_tilt":
     arm = ["--config.rl.objective=rcfd_tilt"]
+    if proposal == "reference":
+      arm += ["--config.rl.tilt_proposal=reference", "--config.rl.baseline=none"]
   else:
     arm = ["--config.rl.objective=kl", f"--config.rl.beta={beta0}", "--config.rl.adaptive_kl=True",
            "--config.rl.adaptive_kl_signal=demo_reward", f"--config.rl.kl_horizon={HORIZON}"]
   return [sys.executable, "-m", "rcfd_jax.main", f"--config={config_lib.experiment_file('reproduce')}:{task},{d}",
-          *arm, f"--config.seed={seed}", f"--workdir={arm_dir(d, task, seed, method_name(objective, beta0))}"]
+          *arm, f"--config.seed={seed}", f"--workdir={arm_dir(d, task, seed, method_name(objective, beta0, proposal))}"]
 
 
-def run_all(d: Path, runs: list[tuple[str, int]], objective: str, beta0: float, parallel: int) -> None:
-  m = method_name(objective, beta0)
-  runner.run_commands(d, {f"{t}/{m}_seed{s}": (command(d, t, s, objective, beta0), arm_dir(d, t, s, m) / "eval" /
-                                               "step_200.json") for t, s in runs}, parallel)
+def run_all(d: Path, runs: list[tuple[str, int]], objective: str, beta0: float, parallel: int,
+            proposal: str = "policy") -> None:
+  m = method_name(objective, beta0, proposal)
+  runner.run_commands(d, {f"{t}/{m}_seed{s}": (command(d, t, s, objective, beta0, proposal),
+                                               arm_dir(d, t, s, m) / "eval" / "step_200.json") for t, s in runs},
+                      parallel)
 
 
 def row(d: Path, task: str, seed: int, method: str) -> dict | None:
@@ -73,7 +79,7 @@ def row(d: Path, task: str, seed: int, method: str) -> dict | None:
   r = reproduce.last_row(d, task, wd)
   if r is not None:
     last = json.loads((wd / "metrics.jsonl").read_text().splitlines()[-1])
-    r["coef"] = last.get("tilt_lambda" if method == "tilt" else "beta", float("nan"))
+    r["coef"] = last.get("tilt_lambda" if method.startswith("tilt") else "beta", float("nan"))
   return r
 
 
@@ -84,6 +90,8 @@ def main() -> None:
   ap.add_argument("--beta0", type=float, default=BETA0, help="beta at the start (docs/reproduce.md: 0.1, then 1).")
   ap.add_argument("--objective", choices=("kl", "rcfd_tilt"), default="kl",
                   help="kl: the demonstration-steered beta; rcfd_tilt: the tilt, which has none.")
+  ap.add_argument("--proposal", choices=("policy", "reference"), default="policy",
+                  help="rcfd_tilt's samples: the policy's (default) or pi_0's (rl.tilt_proposal=reference).")
   ap.add_argument("--parallel", type=int, default=2)
   args = ap.parse_args()
   d = Path(args.workdir)
@@ -92,13 +100,15 @@ def main() -> None:
   runs = [(t, s) for s in range(args.seeds) for t in TASKS]
   if args.objective == "rcfd_tilt" and args.beta0 != BETA0:
     sys.exit("--beta0 sets the kl objective's start; rcfd_tilt has no beta: drop --beta0")
-  run_all(d, runs, args.objective, args.beta0, args.parallel)
+  if args.proposal != "policy" and args.objective != "rcfd_tilt":
+    sys.exit("--proposal sets where rcfd_tilt's samples come from: add --objective=rcfd_tilt or drop --proposal")
+  run_all(d, runs, args.objective, args.beta0, args.parallel, args.proposal)
   edges = json.loads((d / "frontier.json").read_text()) if (d / "frontier.json").exists() else {}
   print("| task | seed | method | gap | A (SFT) | distinct-2 vs SFT | frontier at gap | KL | beta or lambda "
         "| targets met |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for task, seed in sorted(runs, key=lambda ts: (TASKS.index(ts[0]), ts[1])):
-    for method in (method_name(args.objective, args.beta0), "rcfd_group"):
+    for method in (method_name(args.objective, args.beta0, args.proposal), "rcfd_group"):
       r = row(d, task, seed, method)
       if r is None:
         print(f"| {task} | {seed} | {method} | (no run) |||||||")

@@ -3,8 +3,9 @@
 The paper's per-sample reward (rcfd), the leave-one-out estimator that
 calibrates each prompt's mean without paying for its spread (rcfd_group),
 the step toward the least-KL policy with the demonstrations' mean
-(rcfd_tilt), and what a user watches to see collapse coming. Pure
-jax.numpy, with the shape names and masking rules of rcfd_jax.rl.
+(rcfd_tilt, from the policy's samples or pi_0's), and what a user watches
+to see collapse coming. Pure jax.numpy, with the shape names and masking
+rules of rcfd_jax.rl.
 """
 
 from __future__ import annotations
@@ -160,6 +161,26 @@ def rcfd_tilt(reward_pg: Array, demo_reward_p: Array, log_ratio_pg: Array) -> tu
   lam = tilt_lambda(reward_pg, log_ratio_pg, jnp.mean(jnp.asarray(demo_reward_p, jnp.float32)))
   w_pg = jax.nn.softmax(lam * reward_pg + jnp.asarray(log_ratio_pg, jnp.float32), axis=1)
   return g * w_pg - 1.0, lam
+
+
+def rcfd_tilt_from_reference(reward_pg: Array, demo_reward_p: Array) -> tuple[Array, Array]:
+  """([P, G] weights k w_i, lambda): rcfd_tilt's step from samples of pi_0 instead of pi.
+
+  Sampled from pi_0, p*(y|x) / pi_0(y|x) = exp(lambda R) / Z(x), so within
+  each prompt w_i ~ exp(lambda R_i): the weights read the reward only, and do
+  not change as the policy moves. lambda is tilt_lambda's, with no log ratio.
+  The step maximises sum_i G w_i log pi(y_i), the weighted likelihood of
+  pi_0's samples, whose expected gradient is G E_p*[grad log pi], the
+  gradient of -KL(p* || pi). The weights are not centred: with samples from
+  pi_0 a baseline would subtract E_pi0[grad log pi], which is not zero once
+  pi differs from pi_0, and push pi away from pi_0.
+
+  Args:
+    reward_pg: [P, G] rewards of G >= 2 completions per prompt, sampled from pi_0.
+    demo_reward_p: [P] rewards of each prompt's demonstration (or the calibration target).
+  """
+  adv_pg, lam = rcfd_tilt(reward_pg, demo_reward_p, jnp.zeros(jnp.shape(reward_pg), jnp.float32))
+  return adv_pg + 1.0, lam
 
 
 def tilt_diagnostics(reward_pg: Array, log_ratio_pg: Array, lam: Array) -> dict[str, Array]:

@@ -21,6 +21,7 @@ from rcfd_jax.errors import UserError, need
 OBJECTIVES = tuple(step.OBJECTIVES)  # rl.objective: the objectives the step knows by name
 BASELINES = tuple(step.BASELINES)    # rl.baseline: the advantage baselines the step knows by name
 GROUP_OBJECTIVES = ("rcfd_group", "rcfd_tilt")  # advantages centred within each prompt's samples
+TILT_PROPOSALS = ("policy", "reference")         # where rcfd_tilt's samples come from
 CALIBRATION_TARGETS = ("demo", "mean")  # rl.rcfd_target: rcfd_jax.demos.calibration_targets
 ALGORITHMS = ("reinforce", "ppo")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype -> the policy's dtype
@@ -79,6 +80,8 @@ def base() -> ml_collections.ConfigDict:
   c.rl.baseline = "whiten"          # advantage: whiten (paper) | loo | none | gae (value head, GAE)
   c.rl.rcfd_target = "demo"         # what rcfd/rcfd_group/rcfd_tilt calibrate to: demo (each prompt's R(x, y_d), paper)
                                     # | mean (the training demonstrations' mean R_d; demos.calibration_targets)
+  c.rl.tilt_proposal = "policy"     # rcfd_tilt's samples: policy (on-policy, weights read pi_0 / pi) | reference
+                                    # (sampled from pi_0, weights read the reward only; baseline none, reinforce)
   c.rl.beta = 0.0                   # KL coefficient for objective=kl (initial value when adaptive)
   c.rl.kl_estimator = "k1"          # k1 | k2 | k3, per token, summed over the sequence
   c.rl.adaptive_kl = False          # adapt beta after every step (objective kl), on adaptive_kl_signal
@@ -192,6 +195,14 @@ def check(c: ml_collections.ConfigDict) -> None:
     need(len(c.reward.sources) == 1,
          f"config.rl.objective=rcfd_tilt calibrates one reward and config.reward.sources has "
          f"{len(c.reward.sources)}: keep one source, or use rcfd_group for several")
+  need(c.rl.tilt_proposal in TILT_PROPOSALS,
+       f"config.rl.tilt_proposal={c.rl.tilt_proposal!r}; use one of {TILT_PROPOSALS}")
+  if c.rl.tilt_proposal == "reference":
+    need(c.rl.objective == "rcfd_tilt" and c.rl.baseline == "none" and c.rl.algorithm == "reinforce",
+         "config.rl.tilt_proposal=reference trains rcfd_tilt on pi_0's samples by their weighted likelihood, "
+         "which a baseline or PPO's ratio would bias: set config.rl.objective=rcfd_tilt, "
+         f"config.rl.baseline=none and config.rl.algorithm=reinforce (they are {c.rl.objective}, "
+         f"{c.rl.baseline}, {c.rl.algorithm})")
   need(c.rl.rcfd_target in CALIBRATION_TARGETS,
        f"config.rl.rcfd_target={c.rl.rcfd_target!r}; use one of {CALIBRATION_TARGETS}")
   need(c.rl.rcfd_target == "demo" or c.rl.objective in ("rcfd", "rcfd_group", "rcfd_tilt"),

@@ -150,7 +150,8 @@ def build(parts, frozen, rewards, sc, tx, state, config) -> dict[str, Program]:
         (state, frozen, ro, host), (0, 1))
   eval_sc = dataclasses.replace(sc, samples_per_prompt=config.eval.samples_per_prompt,
                                 temperature=config.eval.temperature,
-                                metrics_every=1)  # evaluation reports the KL: always the reference
+                                metrics_every=1,  # evaluation reports the KL: always the reference
+                                tilt_proposal="policy")  # and samples the policy, whatever trains it
   if eval_sc == sc and "rollout" in progs:  # the training rollout samples as the evaluation does
     progs["eval_rollout"] = progs["rollout"]
   else:

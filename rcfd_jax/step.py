@@ -107,6 +107,7 @@ class StepConfig:
   gamma: float = _from("rl.ppo.gamma")
   lam: float = _from("rl.ppo.lam")
   loss_agg: str = _from("rl.loss_agg")
+  tilt_proposal: str = _from("rl.tilt_proposal", default="policy")  # rcfd_tilt samples pi (policy) or pi_0
   # Steps whose metrics reach the host (trainer: every log_every_steps-th and the last). When
   # nothing else reads the reference log-probs, the rollout computes them on those steps only,
   # for the kl metric; 1 (the default) computes them every step.
@@ -187,6 +188,8 @@ def make_rollout(parts: PolicyParts, rewards: Rewards, sc: StepConfig) -> Callab
     ids_bl = jnp.repeat(batch.prompt_ids, g, axis=0)
     pmask_bl = jnp.repeat(batch.prompt_mask, g, axis=0)
     policy = parts.merge(state.params, frozen.base)
+    if sc.tilt_proposal == "reference":  # rcfd_tilt trained on pi_0's samples
+      policy = parts.reference(state.params, frozen.base, frozen.ref)
     # With a value head the sampler reads the values off the hidden states it decodes anyway.
     value_fn = (lambda h: policy.value(h)[..., 0]) if sc.baseline == "gae" else None
     out = sampler.sample(policy.lm, ids_bl, pmask_bl, _key(state, 0), max_new_tokens=sc.max_new_tokens,
@@ -235,10 +238,16 @@ def _rcfd_group_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
 
 
 def _rcfd_tilt_objective(sc, reward_bk, demo_bk, seq_kl_b, beta, log_ratio_b):
-  """Already an advantage, centred within each prompt; logs lambda (1 / reward units) and what sets the weights."""
+  """Already an advantage (centred within each prompt unless sampled from pi_0); logs lambda (1 / reward
+  units) and what sets the weights."""
   g = sc.samples_per_prompt
   reward_pg, log_ratio_pg = reward_bk[:, 0].reshape(-1, g), log_ratio_b.reshape(-1, g)
-  adv_pg, lam = calibration.rcfd_tilt(reward_pg, demo_bk[:, 0].reshape(-1, g)[:, 0], log_ratio_pg)
+  demo_p = demo_bk[:, 0].reshape(-1, g)[:, 0]
+  if sc.tilt_proposal == "reference":  # sampled from pi_0: the log ratio is 0 but for rounding
+    log_ratio_pg = jnp.zeros_like(log_ratio_pg)
+    adv_pg, lam = calibration.rcfd_tilt_from_reference(reward_pg, demo_p)
+  else:
+    adv_pg, lam = calibration.rcfd_tilt(reward_pg, demo_p, log_ratio_pg)
   diagnostics = calibration.tilt_diagnostics(reward_pg, log_ratio_pg, lam)
   return adv_pg.reshape(-1), {"tilt_lambda": lam, **{f"tilt_{name}": v for name, v in diagnostics.items()}}
 
@@ -314,6 +323,8 @@ def policy_loss(params, frozen: Frozen, mb: dict, parts: PolicyParts, sc: StepCo
     loss, aux = rl.reinforce_policy_loss(logp_bt, mb["adv"], mask_bt, sc.loss_agg), {}
   # The policy's mean token entropy on its own completions: falls as the text collapses.
   aux = dict(aux, entropy=rl.masked_mean(rl.token_entropy(jax.lax.stop_gradient(logits_btv)), mask_bt))
+  if sc.tilt_proposal == "reference":  # the rows are pi_0's samples: sum log pi_0 - log pi is KL(pi_0 || pi)
+    aux["reference_kl"] = jnp.mean(jnp.sum((mb["logp"] - jax.lax.stop_gradient(logp_bt)) * mask_bt, axis=-1))
   if sc.baseline == "gae":
     vl, vaux = rl.value_loss(values_bt, mb["values"], mb["returns"], mask_bt, sc.value_clip, sc.loss_agg)
     loss, aux = loss + sc.vf_coef * vl, dict(aux, **vaux, value_loss=vl)
@@ -427,6 +438,8 @@ def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | 
       metrics[f"reward_tied_frac/{name}"] = tied_k[i]
   metrics.update(objective_metrics)
   metrics.update({k: v.mean() for k, v in logs.items()})
+  if sc.tilt_proposal == "reference":  # rollouts from pi_0 say nothing of KL(pi || pi_0); reference_kl instead
+    del metrics["kl"]
   return new_state, metrics
 
 

@@ -155,6 +155,12 @@ def _toy_run(estimator: str, steps: int = 300, seed: int = 0):
     demo_p = TOY_DEMO_MEAN + 1.5 * jax.random.normal(k_demo, (p,))
     y_pg = jax.random.categorical(k_sample, theta, shape=(p, g))
     r_pg = TOY_REWARD[y_pg]
+    if estimator == "rcfd_tilt_reference":  # pi_0's samples, weighted likelihood: no whitening
+      y_pg = jax.random.categorical(k_sample, TOY_THETA0, shape=(p, g))
+      adv = calibration.rcfd_tilt_from_reference(TOY_REWARD[y_pg], demo_p)[0].reshape(-1)
+      grads = jax.grad(lambda th: -jnp.mean(adv * jax.nn.log_softmax(th)[y_pg.reshape(-1)]))(theta)
+      updates, opt_state = tx.update(grads, opt_state, theta)
+      return (optax.apply_updates(theta, updates), opt_state), None
     if estimator == "rcfd":
       score = calibration.rcfd(r_pg.reshape(-1), jnp.repeat(demo_p, g))
     elif estimator == "rcfd_tilt":
@@ -280,6 +286,31 @@ def test_toy_policy_rcfd_tilt_reaches_the_least_kl_policy_with_the_demonstration
   assert _kl(group, p0) > 2 * _kl(p_star, p0)
 
 
+def test_rcfd_tilt_from_reference_is_the_uncentred_tilt_without_a_log_ratio():
+  rng = _rng(34)
+  reward = rng.normal(0.5, 2.0, size=(6, 4)).astype(np.float32)
+  demo = rng.normal(1.0, 1.0, size=6).astype(np.float32)
+  adv, lam = calibration.rcfd_tilt_from_reference(reward, demo)
+  want_lam, want_adv = _ref_tilt(reward, np.zeros_like(reward), float(demo.mean()))
+  assert float(lam) == pytest.approx(want_lam, rel=1e-3, abs=1e-4)
+  np.testing.assert_allclose(adv, want_adv + 1.0, rtol=1e-3, atol=1e-4)
+  assert np.all(np.asarray(adv) >= 0)
+  np.testing.assert_allclose(np.asarray(adv).sum(1), 4.0, rtol=1e-5)         # G per prompt: not centred
+  assert np.mean(np.sum(np.asarray(adv) / 4 * reward, 1)) == pytest.approx(float(demo.mean()), abs=1e-3)
+
+
+def test_toy_policy_rcfd_tilt_from_reference_samples_lands_near_the_least_kl_policy():
+  """Trained on pi_0's samples alone, by their weighted likelihood, the policy moves to p* and stays there."""
+  p0 = np.asarray(jax.nn.softmax(TOY_THETA0), np.float64)
+  lam, _ = _ref_tilt(np.asarray(TOY_REWARD)[None], np.log(p0)[None], TOY_DEMO_MEAN)
+  p_star = p0 * np.exp(lam * np.asarray(TOY_REWARD, np.float64))
+  p_star /= p_star.sum()
+  ref = _toy_run("rcfd_tilt_reference")
+  assert abs(_toy_stats(ref)[1] - TOY_DEMO_MEAN) < 0.05, _toy_stats(ref)  # measured: 0.58
+  assert _kl(p_star, ref) < 0.01, _kl(p_star, ref)                       # measured: 0.003
+  assert _kl(ref, p0) < 1.5 * _kl(p_star, p0), (_kl(ref, p0), _kl(p_star, p0))
+
+
 def test_everything_jits():
   """One jit around every function: no Python control flow on traced values."""
   rng = _rng(13)
@@ -290,6 +321,7 @@ def test_everything_jits():
       "rcfd_group": (calibration.rcfd_group, (x[:, :4], r_b)),
       "group_spread": (calibration.group_spread, (x[:, :4],)),
       "rcfd_tilt": (calibration.rcfd_tilt, (x[:, :4], r_b, x[:, 3:7])),
+      "rcfd_tilt_from_reference": (calibration.rcfd_tilt_from_reference, (x[:, :4], r_b)),
       "tilt_diagnostics": (calibration.tilt_diagnostics, (x[:, :4], x[:, 3:7], 2.0)),
   }
   fns = {name: fn for name, (fn, _) in calls.items()}

@@ -90,6 +90,17 @@ def test_rcfd_tilt_takes_one_reward_and_the_untempered_policy():
       config_lib.check(changed)
 
 
+def test_rcfd_tilt_from_reference_takes_no_baseline_and_no_ppo():
+  good = {"rl.objective": "rcfd_tilt", "rollout.samples_per_prompt": 4, "rl.baseline": "none",
+          "reward.sources": ("loglik",), "rl.tilt_proposal": "reference"}
+  config_lib.check(load_config("tiny", good))
+  for field, value in (("rl.baseline", "whiten"), ("rl.algorithm", "ppo"), ("rl.objective", "rcfd_group")):
+    with pytest.raises(UserError, match="tilt_proposal=reference trains rcfd_tilt on pi_0's samples"):
+      config_lib.check(load_config("tiny", {**good, field: value}))
+  with pytest.raises(UserError, match="tilt_proposal='pi0'; use one of"):
+    config_lib.check(load_config("tiny", {**good, "rl.tilt_proposal": "pi0"}))
+
+
 def test_demo_reward_controller_needs_the_adaptive_kl_objective():
   c = load_config("tiny", {"rl.objective": "kl", "rl.beta": 0.1, "rl.adaptive_kl": True,
                            "rl.adaptive_kl_signal": "demo_reward"})

@@ -73,7 +73,8 @@ def test_step_config_reads_each_field_from_its_config_entry():
       adaptive_kl_signal=c.rl.adaptive_kl_signal,
       kl_target=c.rl.kl_target, kl_horizon=c.rl.kl_horizon, alpha=(1.0, 0.5), ppo_epochs=2, minibatches=6,
       grad_accum=4, clip_eps=0.35, value_clip=0.25, vf_coef=c.rl.ppo.vf_coef, gamma=c.rl.ppo.gamma,
-      lam=c.rl.ppo.lam, loss_agg=c.rl.loss_agg, metrics_every=7, total_steps=9)
+      lam=c.rl.ppo.lam, loss_agg=c.rl.loss_agg, tilt_proposal=c.rl.tilt_proposal, metrics_every=7,
+      total_steps=9)
   assert dataclasses.asdict(step_lib.StepConfig.from_config(c, eos_id=2, pad_id=0)) == want
 
 
@@ -230,6 +231,28 @@ def test_rcfd_tilt_weighs_each_prompts_samples_by_their_log_ratio_and_pushes_tow
   assert measure(s, long)["p_eos"] < before
   assert all(m["tilt_lambda"] < 0 for m in ms)  # the demonstrations score below the samples: lambda < 0
   assert all(1 <= m["tilt_ess"] <= k and m["tilt_reward_spread"] >= 0 and m["tilt_ratio_spread"] >= 0 for m in ms)
+
+
+def test_rcfd_tilt_from_reference_samples_pi_0_and_follows_the_weighted_likelihood(reinforce):
+  """tilt_proposal=reference: rollouts come from pi_0 however far the policy has moved, and the step follows them."""
+  s, state = reinforce
+  sc = dataclasses.replace(s.sc, objective="rcfd_tilt", tilt_proposal="reference", baseline="none")
+  steps = train.compile_steps(dataclasses.replace(s, sc=sc))
+  before = measure(s, state)["p_eos"]
+  long, ms = train_steps(s, steps.fused, state, 4, demo=np.full_like(s.demo_train, -float(s.sc.max_new_tokens)))
+  assert measure(s, long)["p_eos"] < before             # long demonstrations: pi_0's long samples weigh more
+  assert all(m["tilt_lambda"] < 0 and m["tilt_ratio_spread"] == 0 for m in ms)
+  assert all("kl" not in m for m in ms)                # pi_0's samples say nothing of KL(pi || pi_0)
+  assert ms[0]["reference_kl"] == pytest.approx(0.0, abs=1e-5)  # k1 of KL(pi_0 || pi) on pi_0's samples: 0 at first
+  assert ms[-1]["reference_kl"] > 0.05                           # then the policy moves (measured: 0.18)
+  batch = bridge.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  for proposal, from_pi0 in (("reference", True), ("policy", False)):
+    ro = jax.jit(make_rollout(s.parts, s.rewards, dataclasses.replace(sc, tilt_proposal=proposal)))(
+        long, s.frozen, batch)
+    gap = float(jnp.abs((ro.logp - ro.ref_logp) * ro.mask).max())
+    assert (gap < 1e-4) == from_pi0, (proposal, gap)     # the sampler's log-probs are pi_0's, or the policy's
+  ro = steps.eval_rollout(long, s.frozen, batch)           # the evaluation samples the policy being trained
+  assert float(jnp.abs((ro.logp - ro.ref_logp) * ro.mask).max()) > 1e-4
 
 
 def test_kl_penalty_keeps_policy_closer_to_reference(setup):
