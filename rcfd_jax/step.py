@@ -321,7 +321,8 @@ def policy_loss(params, frozen: Frozen, mb: dict, parts: PolicyParts, sc: StepCo
     loss, aux = rl.ppo_policy_loss(logp_bt, mb["logp"], mb["adv"], mask_bt, sc.clip_eps, sc.loss_agg)
   else:
     loss, aux = rl.reinforce_policy_loss(logp_bt, mb["adv"], mask_bt, sc.loss_agg), {}
-  # The policy's mean token entropy on its own completions: falls as the text collapses.
+  # The policy's mean token entropy on the rollouts (its own, unless tilt_proposal=reference): falls as the
+  # text collapses.
   aux = dict(aux, entropy=rl.masked_mean(rl.token_entropy(jax.lax.stop_gradient(logits_btv)), mask_bt))
   if sc.tilt_proposal == "reference":  # the rows are pi_0's samples: sum log pi_0 - log pi is KL(pi_0 || pi)
     aux["reference_kl"] = jnp.mean(jnp.sum((mb["logp"] - jax.lax.stop_gradient(logp_bt)) * mask_bt, axis=-1))
