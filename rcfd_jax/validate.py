@@ -7,7 +7,8 @@ samples) and PNG plots (reward histogram of policy vs demonstrations;
 log-likelihood by position; per-prompt mean reward against R_d).
 The rollout used here is the training rollout compiled once more with
 eval.samples_per_prompt samples per prompt and the evaluation temperature
-(the "eval_rollout" program, rcfd_jax.programs). The per-sample metrics (reward, A, distinct-n, length,
+(the "eval_rollout" program, rcfd_jax.programs), each batch of prompts with
+the step's key folded with the batch's index. The per-sample metrics (reward, A, distinct-n, length,
 KL) read the first sample of each prompt, so they do not depend on
 eval.samples_per_prompt; the group monitors read all of them.
 """
@@ -32,10 +33,14 @@ def generate(s, steps, state, ds, demo: np.ndarray, num_prompts: int) -> dict[st
   n = min(num_prompts, len(ds))
   batcher = batching.Batcher(ds, b, s.config.data, s.tokenizer.pad_token_id)
   out = {name: [] for name in ("rewards", "tokens", "mask", "logp", "ref_logp")}
-  for start in range(0, n, b):
+  batch_key = jax.jit(lambda rng, i: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(rng), i)),
+                      out_shardings=s.state_sh.rng)
+  for i, start in enumerate(range(0, n, b)):
     idx = np.arange(start, start + b) % n
     batch = bridge.device_batch(s, batcher, idx, demo)
-    ro = distributed.to_host(steps.eval_rollout(state, s.frozen, batch))
+    # Each batch samples with a key of its own: with the step's one key, row j of every batch would draw the
+    # same random numbers, and the samples of different prompts would move together.
+    ro = distributed.to_host(steps.eval_rollout(state.replace(rng=batch_key(state.rng, i)), s.frozen, batch))
     parts = dict(ro.rewards)
     if s.rewards.needs_host:
       parts.update(bridge.score_on_host(s, ds, idx, ro.tokens, ro.mask, steps.rm))

@@ -7,9 +7,11 @@ decoded completion, so each reward can be recomputed from the returned rows.
 The demonstration rewards are made up: scoring them is rcfd_jax.demos's job.
 """
 
+import dataclasses
 import json
 import zlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -72,6 +74,25 @@ def test_generate_stops_at_the_end_of_the_dataset_and_is_deterministic(generated
   # The first batch (prompts 0-3) is the same rollout both times.
   for name in ("tokens", "mask", "rewards", "logp"):
     np.testing.assert_array_equal(every[name][:4], g[name][:4], err_msg=name)
+
+
+def test_generate_gives_every_batch_a_sampling_key_of_its_own(generated):
+  """One key for every batch would give row j of each batch the same random numbers: correlated prompts."""
+  s, state, g = generated
+  seen = []
+
+  def recording(st, frozen, batch):
+    seen.append(np.asarray(st.rng))
+    return s.steps.eval_rollout(st, frozen, batch)
+
+  again = validate.generate(s, dataclasses.replace(s.steps, eval_rollout=recording), state, s.val, s.demo_val,
+                            NUM_PROMPTS)
+  base = jax.random.wrap_key_data(state.rng)
+  want = [np.asarray(jax.random.key_data(jax.random.fold_in(base, i))) for i in range(2)]
+  assert len(seen) == 2 and not np.array_equal(seen[0], seen[1])
+  for got, w in zip(seen, want):
+    np.testing.assert_array_equal(got, w)
+  np.testing.assert_array_equal(again["tokens"], g["tokens"])  # the same keys as generate's own
 
 
 def test_run_reports_the_first_samples_and_the_groups_and_writes_them(generated, tmp_path):
