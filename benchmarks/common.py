@@ -186,3 +186,24 @@ def line(name: str, ours: float, peer: float, unit: str, higher_is_better: bool 
   ratio = ours / peer if higher_is_better else peer / ours
   fmt = (lambda x: f"{x:.4g}")
   return f"{name}: ours={fmt(ours)} peer={fmt(peer)} ratio={ratio:.2f} ({unit})"
+
+
+def reproduction_tasks(d: Path, arg: str, known: tuple[str, ...], needed: str, what: str) -> list[str]:
+  """The tasks a script over the reproduction's DIR reads: the comma-separated `arg`, each one of `known`,
+  each with DIR/runs/TASK/`needed` present; otherwise exits with one line saying what to run."""
+  tasks = [t for t in arg.split(",") if t]
+  unknown = [t for t in tasks if t not in known]
+  if unknown:
+    sys.exit(f"--tasks: unknown {unknown}; use some of {known}")
+  missing = [t for t in tasks if not (d / "runs" / t / needed).exists()]
+  if missing:
+    sys.exit(f"{d} has no {what} for {missing}: run `python -m rcfd_jax.reproduce --workdir={d}` first")
+  return tasks
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+  """A markdown table on stdout."""
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
+  for row in rows:
+    print("| " + " | ".join(row) + " |")

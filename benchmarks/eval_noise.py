@@ -27,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import common  # noqa: E402
 from rcfd_jax import config as config_lib  # noqa: E402
 from rcfd_jax.reproduce import runner  # noqa: E402
 
@@ -67,24 +68,19 @@ def main() -> None:
   ap.add_argument("--tasks", default=",".join(TASKS), help=f"Comma-separated, of {TASKS}.")
   ap.add_argument("--parallel", type=int, default=2)
   args = ap.parse_args()
-  d, tasks = Path(args.workdir), [t for t in args.tasks.split(",") if t]
-  unknown = [t for t in tasks if t not in TASKS]
-  if unknown:
-    sys.exit(f"--tasks: unknown {unknown}; use some of {TASKS}")
-  missing = [t for t in tasks if not (d / "runs" / t / "sft" / "eval" / "step_0.json").exists()]
-  if missing:
-    sys.exit(f"{d} has no SFT evaluation for {missing}: run `python -m rcfd_jax.reproduce --workdir={d}` first")
+  d = Path(args.workdir)
+  tasks = common.reproduction_tasks(d, args.tasks, TASKS, "sft/eval/step_0.json", "SFT evaluation")
   runner.run_commands(d, {f"{t}/sft_lr0": (command(d, t), arm_dir(d, t) / "eval" / f"step_{STEPS[-1]}.json")
                           for t in tasks}, args.parallel)
-  print("| task | SFT row: gap, A | the same policy, four evaluations: gap | mean ± sd | within 0.1 std "
-        "| A | distinct-2 vs the SFT row | largest KL |")
-  print("|---|---|---|---|---|---|---|---|")
+  rows = []
   for task in tasks:
     r = summary(d, task)
-    print(f"| {task} | {r['sft_gap']:+.2f}, {r['sft_alignment']:.3f} | {', '.join(f'{g:+.2f}' for g in r['gaps'])} "
-          f"| {r['mean']:+.2f} ± {r['sd']:.2f} | {r['within']:.0%} | {r['alignment'][0]:.3f}-{r['alignment'][1]:.3f} "
-          f"| {r['distinct'][0]:.0%}-{r['distinct'][1]:.0%} | {r['kl']:.1e} |")
-
+    rows.append([task, f"{r['sft_gap']:+.2f}, {r['sft_alignment']:.3f}", ", ".join(f"{g:+.2f}" for g in r["gaps"]),
+                 f"{r['mean']:+.2f} ± {r['sd']:.2f}", f"{r['within']:.0%}",
+                 f"{r['alignment'][0]:.3f}-{r['alignment'][1]:.3f}", f"{r['distinct'][0]:.0%}-{r['distinct'][1]:.0%}",
+                 f"{r['kl']:.1e}"])
+  common.print_table(["task", "SFT row: gap, A", "the same policy, four evaluations: gap", "mean ± sd",
+                      "within 0.1 std", "A", "distinct-2 vs the SFT row", "largest KL"], rows)
 
 if __name__ == "__main__":
   main()

@@ -27,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import common  # noqa: E402
 from rcfd_jax import train  # noqa: E402
 from rcfd_jax.reproduce import run as reproduce  # noqa: E402
 
@@ -53,22 +54,16 @@ def main() -> None:
   ap.add_argument("--workdir", required=True, help="The reproduction's DIR, after `rcfd_jax.reproduce`.")
   ap.add_argument("--tasks", default=",".join(TASKS), help=f"Comma-separated, of {TASKS}.")
   args = ap.parse_args()
-  d, tasks = Path(args.workdir), [t for t in args.tasks.split(",") if t]
-  unknown = [t for t in tasks if t not in TASKS]
-  if unknown:
-    sys.exit(f"--tasks: unknown {unknown}; use some of {TASKS}")
-  missing = [t for t in tasks if not (d / "runs" / t / "max" / "metrics.jsonl").exists()]
-  if missing:
-    sys.exit(f"{d} has no max arm for {missing}: run `python -m rcfd_jax.reproduce --workdir={d}` first")
-  print("| task | demonstrations | bar (+1 std) | best demonstration (of n) | 99th percentile "
-        "| max arm, training batches | within-batch std |")
-  print("|---|---|---|---|---|---|---|")
+  d = Path(args.workdir)
+  tasks = common.reproduction_tasks(d, args.tasks, TASKS, "max/metrics.jsonl", "max arm")
+  rows = []
   for task in tasks:
     c = ceiling(d, task)
-    print(f"| {task} | {c['demo_mean']:.3f} ± {c['demo_std']:.3f} | {c['bar']:.3f} | {c['demo_max']:.3f} "
-          f"({c['demos']}) | {c['demo_p99']:.3f} | {c['max_reward']:.3f} (steps {c['max_steps'][0]}-"
-          f"{c['max_steps'][1]}) | {c['max_batch_std']:.3f} |")
-
+    rows.append([task, f"{c['demo_mean']:.3f} ± {c['demo_std']:.3f}", f"{c['bar']:.3f}",
+                 f"{c['demo_max']:.3f} ({c['demos']})", f"{c['demo_p99']:.3f}",
+                 f"{c['max_reward']:.3f} (steps {c['max_steps'][0]}-{c['max_steps'][1]})", f"{c['max_batch_std']:.3f}"])
+  common.print_table(["task", "demonstrations", "bar (+1 std)", "best demonstration (of n)", "99th percentile",
+                      "max arm, training batches", "within-batch std"], rows)
 
 if __name__ == "__main__":
   main()
