@@ -82,5 +82,6 @@ def main() -> None:
   common.print_table(["task", "SFT row: gap, A", "the same policy, four evaluations: gap", "mean ± sd",
                       "within 0.1 std", "A", "distinct-2 vs the SFT row", "largest KL"], rows)
 
+
 if __name__ == "__main__":
   main()

@@ -65,5 +65,6 @@ def main() -> None:
   common.print_table(["task", "demonstrations", "bar (+1 std)", "best demonstration (of n)", "99th percentile",
                       "max arm, training batches", "within-batch std"], rows)
 
+
 if __name__ == "__main__":
   main()
