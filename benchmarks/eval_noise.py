@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
 from rcfd_jax import config as config_lib  # noqa: E402
-from rcfd_jax.reproduce import runner  # noqa: E402
+from rcfd_jax.reproduce import report, run, runner  # noqa: E402
 
-TASKS = ("loglik", "sentiment", "loglik_voiced", "sentiment_voiced")
+TASKS = tuple(run.TASKS)
 STEPS = (50, 100, 150, 200)
 
 
@@ -44,17 +44,13 @@ def command(d: Path, task: str) -> list[str]:
           "--config.rl.objective=max", "--config.optim.learning_rate=0.0", f"--workdir={arm_dir(d, task)}"]
 
 
-def gap(e: dict) -> float:
-  return (e["reward_mean"] - e["demo_reward_mean"]) / e["demo_reward_std"]
-
-
 def summary(d: Path, task: str) -> dict:
   """The SFT row's evaluation beside the lr-0 arm's four."""
   sft = json.loads((d / "runs" / task / "sft" / "eval" / "step_0.json").read_text())
   evals = [json.loads((arm_dir(d, task) / "eval" / f"step_{s}.json").read_text()) for s in STEPS]
-  gaps = np.array([gap(e) for e in evals])
+  gaps = np.array([report.gap(e) for e in evals])
   sd = float(gaps.std(ddof=1))
-  return {"sft_gap": gap(sft), "sft_alignment": sft["alignment"], "gaps": gaps.tolist(), "mean": float(gaps.mean()),
+  return {"sft_gap": report.gap(sft), "sft_alignment": sft["alignment"], "gaps": gaps.tolist(), "mean": float(gaps.mean()),
           "sd": sd, "within": math.erf(0.1 / (sd * math.sqrt(2))) if sd > 0 else 1.0,
           "alignment": (min(e["alignment"] for e in evals), max(e["alignment"] for e in evals)),
           "distinct": (min(e["distinct_2"] for e in evals) / sft["distinct_2"],

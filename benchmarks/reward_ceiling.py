@@ -31,7 +31,7 @@ from benchmarks import common  # noqa: E402
 from rcfd_jax import train  # noqa: E402
 from rcfd_jax.reproduce import run as reproduce  # noqa: E402
 
-TASKS = ("loglik", "sentiment", "loglik_voiced", "sentiment_voiced")
+TASKS = tuple(reproduce.TASKS)
 
 
 def ceiling(d: Path, task: str) -> dict:

@@ -36,7 +36,7 @@ from absl import logging
 
 from rcfd_jax import distributed, memory, sharding
 from rcfd_jax.errors import UserError
-from rcfd_jax.step import Batch, make_rollout, make_scorer, make_update
+from rcfd_jax.step import Batch, fold_rng, make_rollout, make_scorer, make_update
 
 REWARD_MODELS = ("reward_model", "eval_reward_model", "demo_reward_model")
 
@@ -93,8 +93,7 @@ def chunked(rollout: Callable, chunks: int) -> Callable:
 
     def one(c_and_batch):
       c, b = c_and_batch
-      rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), c))
-      return rollout(state.replace(rng=rng), frozen, b)
+      return rollout(state.replace(rng=fold_rng(state.rng, c)), frozen, b)
 
     out = jax.lax.map(one, (jnp.arange(chunks), jax.tree.map(split, batch)))
     prompts = batch.prompt_ids.shape[0] // chunks

@@ -129,6 +129,11 @@ def _key(state: TrainState, salt: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), salt)
 
 
+def fold_rng(rng: jax.Array, i) -> jax.Array:
+  """TrainState.rng (uint32 key data) folded with `i`: a state whose rollouts draw other random numbers."""
+  return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(rng), i))
+
+
 def _sequences(prompt_ids_bl, prompt_mask_bl, tokens_bt, mask_bt):
   return (jnp.concatenate([prompt_ids_bl, tokens_bt], axis=1),
           jnp.concatenate([prompt_mask_bl, mask_bt], axis=1))
@@ -187,9 +192,10 @@ def make_rollout(parts: PolicyParts, rewards: Rewards, sc: StepConfig) -> Callab
     g = sc.samples_per_prompt
     ids_bl = jnp.repeat(batch.prompt_ids, g, axis=0)
     pmask_bl = jnp.repeat(batch.prompt_mask, g, axis=0)
-    policy = parts.merge(state.params, frozen.base)
     if sc.tilt_proposal == "reference":  # rcfd_tilt trained on pi_0's samples
       policy = parts.reference(state.params, frozen.base, frozen.ref)
+    else:
+      policy = parts.merge(state.params, frozen.base)
     # With a value head the sampler reads the values off the hidden states it decodes anyway.
     value_fn = (lambda h: policy.value(h)[..., 0]) if sc.baseline == "gae" else None
     out = sampler.sample(policy.lm, ids_bl, pmask_bl, _key(state, 0), max_new_tokens=sc.max_new_tokens,

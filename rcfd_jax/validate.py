@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from rcfd_jax import batching, bridge, distributed, evaluation, rl
+from rcfd_jax.step import fold_rng
 
 
 def generate(s, steps, state, ds, demo: np.ndarray, num_prompts: int) -> dict[str, np.ndarray | list]:
@@ -33,8 +34,7 @@ def generate(s, steps, state, ds, demo: np.ndarray, num_prompts: int) -> dict[st
   n = min(num_prompts, len(ds))
   batcher = batching.Batcher(ds, b, s.config.data, s.tokenizer.pad_token_id)
   out = {name: [] for name in ("rewards", "tokens", "mask", "logp", "ref_logp")}
-  batch_key = jax.jit(lambda rng, i: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(rng), i)),
-                      out_shardings=s.state_sh.rng)
+  batch_key = jax.jit(fold_rng, out_shardings=s.state_sh.rng)
   for i, start in enumerate(range(0, n, b)):
     idx = np.arange(start, start + b) % n
     batch = bridge.device_batch(s, batcher, idx, demo)
