@@ -13,7 +13,8 @@ rollouts, L layers:
   forward(T, h)  = 2 T L (W + W_a) + 4 A L T (T + 1) / 2 + 2 d V h       (logits at h positions)
   rollout        = R [ prefill: forward(P, 1)
                        + decode: sum_{i=1}^{N-1} (2 L (W + W_a) + 4 A L (P + i) + 2 d V)
-                       + reference: forward(T, N) without adapters
+                       + reference: forward(T, N) without adapters (none when pi_0 samples:
+                         rl.tilt_proposal=reference, whose sampler gives pi_0's log-probs)
                        + in-graph reward models ]
   update         = epochs * R [ forward(T, N) + backward + remat ]
       backward   = activation gradients through every matmul (2 T L W + 4 T L W_a, as much as the
@@ -116,10 +117,13 @@ def program_flops(config, t, progs: dict[str, Any], remat: bool | None = None) -
   d_len, demo_rows = config.data.demo_max_tokens, config.reward.demo_batch_size
   full_ft = not t.parts.uses_lora
 
-  def rollout_rows(k: int) -> float:
-    prefill = _forward(m, p, 1)
-    decode = sum(2 * m["L"] * (m["W"] + m["Wa"]) + 4 * m["A"] * m["L"] * (p + i) + 2 * m["head"] for i in range(1, n))
-    reference = _forward(m, total, n, adapters=not t.parts.uses_lora)
+  def rollout_rows(k: int, from_reference: bool = False) -> float:
+    """k rollouts a prompt; from_reference (rl.tilt_proposal=reference): pi_0 samples, its log-probs are the
+    sampler's, so no reference forward runs and the decoder runs without adapters."""
+    wa = 0.0 if from_reference else m["Wa"]
+    prefill = _forward(m, p, 1, adapters=not from_reference)
+    decode = sum(2 * m["L"] * (m["W"] + wa) + 4 * m["A"] * m["L"] * (p + i) + 2 * m["head"] for i in range(1, n))
+    reference = 0.0 if from_reference else _forward(m, total, n, adapters=not t.parts.uses_lora)
     return b * k * (prefill + decode + reference + _in_graph_rm(t.rewards, t.frozen.rm, total))
 
   fwd = _forward(m, total, n)
@@ -129,7 +133,8 @@ def program_flops(config, t, progs: dict[str, Any], remat: bool | None = None) -
     backward += 2 * total * m["L"] * m["W"] + 2 * m["head"] * n
   remat = 2 * total * m["L"] * (m["W"] + m["Wa"]) + attention if remat else 0.0
   update = sc.ppo_epochs * b * sc.samples_per_prompt * (fwd + backward + remat)
-  out = {"rollout": rollout_rows(sc.samples_per_prompt), "update": update, "eval_rollout": rollout_rows(1)}
+  out = {"rollout": rollout_rows(sc.samples_per_prompt, sc.tilt_proposal == "reference"), "update": update,
+         "eval_rollout": rollout_rows(1)}  # the evaluation samples the policy, whatever trains it
   out["iteration"] = out["rollout"] + out["update"]
   out["demo_scoring"] = demo_rows * (_forward(m, p + d_len, d_len, adapters=not t.parts.uses_lora)
                                      + _in_graph_rm(t.rewards, t.frozen.rm, p + d_len))

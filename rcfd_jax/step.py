@@ -174,7 +174,8 @@ def make_rollout(parts: PolicyParts, rewards: Rewards, sc: StepConfig) -> Callab
   every rollout) runs on every step only when the update reads it
   (reads_reference); otherwise only on the steps whose metrics reach the
   host (sc.metrics_every), and ref_logp is NaN on the others, whose kl metric
-  nobody sees.
+  nobody sees. With tilt_proposal=reference pi_0 samples the rollout, so
+  ref_logp is the sampler's own log-probs and no reference forward runs.
   """
   score = make_scorer(parts, rewards)
   every_step = reads_reference(sc, rewards) or sc.metrics_every <= 1
@@ -202,7 +203,11 @@ def make_rollout(parts: PolicyParts, rewards: Rewards, sc: StepConfig) -> Callab
                          temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
                          eos_id=sc.eos_id, pad_id=sc.pad_id, value_fn=value_fn)
     tokens_bt, mask_bt = out.tokens_bn, out.mask_bn
-    if every_step:
+    if sc.tilt_proposal == "reference":  # pi_0 drew the tokens, untempered: its log-probs are the sampler's
+      ref_logp_bt = jax.lax.stop_gradient(out.logprobs_bn)
+      seq_ids, seq_mask = _sequences(ids_bl, pmask_bl, tokens_bt, mask_bt)
+      graph_rewards = rewards.in_graph(frozen.rm, seq_ids, seq_mask, mask_bt, ref_logp_bt)
+    elif every_step:
       ref_logp_bt, graph_rewards = score(state.params, frozen, ids_bl, pmask_bl, tokens_bt, mask_bt)
     else:
       ref_logp_bt, graph_rewards = score_when_logged(state, frozen, ids_bl, pmask_bl, tokens_bt, mask_bt)
@@ -426,11 +431,12 @@ def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | 
       bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
       skipped_total=state.skipped_total + (~ok).astype(jnp.int32))
   lengths_b = ro.mask.sum(-1).astype(jnp.float32)
-  metrics = {
+  metrics = {} if sc.tilt_proposal == "reference" else {"kl": kl_mean}  # pi_0's rollouts: reference_kl instead
+  metrics |= {
       "loss": logs.pop("loss").mean(), "grad_norm": logs.pop("grad_norm").mean(),
       "reward_mean": reward_bk[:, 0].mean(), "reward_std": reward_bk[:, 0].std(),
       "demo_reward_mean": ro.demo_reward[:, 0].mean(), "objective_mean": score_b.mean(),
-      "kl": kl_mean, "beta": state.beta, "length_mean": lengths_b.mean(),
+      "beta": state.beta, "length_mean": lengths_b.mean(),
       "generated_tokens": lengths_b.sum(), "skipped": (~ok).astype(jnp.int32),
       "skipped_total": new_state.skipped_total,
   }
@@ -445,8 +451,6 @@ def update(state: TrainState, frozen: Frozen, ro: Rollout, host_rewards: dict | 
       metrics[f"reward_tied_frac/{name}"] = tied_k[i]
   metrics.update(objective_metrics)
   metrics.update({k: v.mean() for k, v in logs.items()})
-  if sc.tilt_proposal == "reference":  # rollouts from pi_0 say nothing of KL(pi || pi_0); reference_kl instead
-    del metrics["kl"]
   return new_state, metrics
 
 

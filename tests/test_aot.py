@@ -55,6 +55,14 @@ def test_tiny_config_compiles_for_a_v5e_slice(tiny_assets, tmp_path):
   assert "| iteration |" in aot.table(result)
 
 
+def test_analytic_flops_follow_the_reference_proposal(tiny_assets):
+  """rcfd_tilt on pi_0's samples runs no reference forward: the analytic count drops it, and matches libtpu's."""
+  c = load_config(f"tiny:{tiny_assets}")
+  c.rl.objective, c.rl.tilt_proposal, c.rl.baseline, c.reward.sources = "rcfd_tilt", "reference", "none", ("loglik",)
+  p = aot.compile_config(c, "v5e:2x2")["programs"]["iteration"]
+  assert 0.95 < p["flops"] / p["model_flops"] < 1.1, p  # counting the reference forward reads 0.82
+
+
 @pytest.mark.parametrize("override,expect", [
     ("--config.mesh.device_memory_gib=0.00001", "program 'iteration' needs "),  # with what stays resident
     ("--config.rollout.prompts_per_step=262144", "program 'iteration' needs "),  # the TPU compiler refuses it

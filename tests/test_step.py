@@ -246,13 +246,32 @@ def test_rcfd_tilt_from_reference_samples_pi_0_and_follows_the_weighted_likeliho
   assert ms[0]["reference_kl"] == pytest.approx(0.0, abs=1e-5)  # k1 of KL(pi_0 || pi) on pi_0's samples: 0 at first
   assert ms[-1]["reference_kl"] > 0.05                           # then the policy moves (measured: 0.18)
   batch = bridge.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+  score = jax.jit(make_scorer(s.parts, s.rewards))
   for proposal, from_pi0 in (("reference", True), ("policy", False)):
     ro = jax.jit(make_rollout(s.parts, s.rewards, dataclasses.replace(sc, tilt_proposal=proposal)))(
         long, s.frozen, batch)
-    gap = float(jnp.abs((ro.logp - ro.ref_logp) * ro.mask).max())
+    ref_logp, _ = score(long.params, s.frozen, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask)
+    np.testing.assert_allclose(np.asarray(ro.ref_logp * ro.mask), np.asarray(ref_logp * ro.mask), atol=1e-4)
+    gap = float(jnp.abs((ro.logp - ref_logp) * ro.mask).max())
     assert (gap < 1e-4) == from_pi0, (proposal, gap)     # the sampler's log-probs are pi_0's, or the policy's
   ro = steps.eval_rollout(long, s.frozen, batch)           # the evaluation samples the policy being trained
   assert float(jnp.abs((ro.logp - ro.ref_logp) * ro.mask).max()) > 1e-4
+
+
+def test_rcfd_tilt_from_reference_runs_no_reference_forward(reinforce, monkeypatch):
+  """pi_0 samples the rollout, so its log-probs come from the sampler: the reference forward is never traced."""
+  s, state = reinforce
+  sc = dataclasses.replace(s.sc, objective="rcfd_tilt", tilt_proposal="reference", baseline="none")
+  batch = bridge.device_batch(s, s.batcher, s.batcher.indices(0), s.demo_train)
+
+  def no_forward(*args):
+    raise AssertionError("the reference forward ran")
+
+  monkeypatch.setattr(step_lib, "_reference_logprobs", no_forward)
+  jax.eval_shape(make_rollout(s.parts, s.rewards, sc), state, s.frozen, batch)
+  with pytest.raises(AssertionError, match="reference forward"):
+    jax.eval_shape(make_rollout(s.parts, s.rewards, dataclasses.replace(sc, tilt_proposal="policy")),
+                   state, s.frozen, batch)
 
 
 def test_kl_penalty_keeps_policy_closer_to_reference(setup):
