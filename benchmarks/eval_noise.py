@@ -46,7 +46,7 @@ def command(d: Path, task: str) -> list[str]:
 
 def summary(d: Path, task: str) -> dict:
   """The SFT row's evaluation beside the lr-0 arm's four."""
-  sft = json.loads((d / "runs" / task / "sft" / "eval" / "step_0.json").read_text())
+  sft = run.sft_eval(d, task)
   evals = [json.loads((arm_dir(d, task) / "eval" / f"step_{s}.json").read_text()) for s in STEPS]
   gaps = np.array([report.gap(e) for e in evals])
   sd = float(gaps.std(ddof=1))

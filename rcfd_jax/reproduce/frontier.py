@@ -73,11 +73,10 @@ def frontier(d: Path, quick: bool) -> dict:
   """{task: frontier points, its share at gap 0, entropies, and every trained arm's evaluations against it}."""
   out = {}
   for task in loglik_tasks(quick):
-    sft_eval = d / "runs" / task / "sft" / "eval" / "step_0.json"
-    if not sft_eval.exists():
-      raise UserError(f"{sft_eval} is missing: run `python -m rcfd_jax.reproduce --workdir={d}"
+    if not run.sft_eval_path(d, task).exists():
+      raise UserError(f"{run.sft_eval_path(d, task)} is missing: run `python -m rcfd_jax.reproduce --workdir={d}"
                       f"{' --quick' if quick else ''}` first")
-    sft = json.loads(sft_eval.read_text())
+    sft = run.sft_eval(d, task)
     points = []
     for t in QUICK_TEMPERATURES if quick else TEMPERATURES:
       ev = measure(d, task, t, quick)

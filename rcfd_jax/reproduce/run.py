@@ -305,7 +305,7 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
   for task in tasks(quick):
     sft_dir = d / "runs" / task / "sft"
     demos = json.loads((sft_dir / "demos.json").read_text())
-    sft = json.loads((sft_dir / "eval" / "step_0.json").read_text())
+    sft = sft_eval(d, task)
     results[task], best[task] = {}, {}
     extras[task] = {"demo_length_mean": demos["demo_length_mean"], "samples": {}, "curves": {}, "evals": {},
                     "predictability": {k: demos[k] for k in PREDICTABILITY_KEYS}}
@@ -332,12 +332,21 @@ def collect(d: Path, quick: bool) -> tuple[dict, dict, dict]:
   return results, best, extras
 
 
+def sft_eval_path(d: Path, task: str) -> Path:
+  """Where the task's SFT policy is evaluated: its arm's one evaluation, at step 0."""
+  return d / "runs" / task / "sft" / "eval" / "step_0.json"
+
+
+def sft_eval(d: Path, task: str) -> dict:
+  return json.loads(sft_eval_path(d, task).read_text())
+
+
 def last_row(d: Path, task: str, wd: Path) -> dict | None:
   """An arm's last evaluation against the task's SFT policy: gap (in demo std), A, distinct-2 share, KL."""
   if not (wd / "eval").exists():
     return None
   last = arm_evals(wd)[-1]
-  sft = json.loads((d / "runs" / task / "sft" / "eval" / "step_0.json").read_text())
+  sft = sft_eval(d, task)
   return {"step": last["step"], "gap": report.gap(last),
           "alignment": last["alignment"], "sft_alignment": sft["alignment"],
           "distinct_share": last["distinct_2"] / sft["distinct_2"], "kl": last["kl"],
