@@ -15,6 +15,12 @@ adds what the trainer needs and Orbax does not give:
   (DIR/checkpoints/damaged/) so the resumed run can save those step numbers
   again. With several processes, each reads only its own shards, so they
   agree on every attempt (one allgather) before anyone falls back.
+- Once a step is final, its files' sizes are recorded beside them
+  (`<step>/rcfd_files.json`). A step whose files no longer match is
+  damaged without being read: a failed Orbax restore abandons its other
+  reads, and tensorstore then prints a traceback for each of them into the
+  log. Steps without the record (the newest one after a crash, or damage
+  that keeps sizes) go through Orbax as before.
 
 Crash safety comes from Orbax itself: a step is written into
 `<step>.orbax-checkpoint-tmp-<n>` and renamed to `<step>` only once every
@@ -46,9 +52,11 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from rcfd_jax import files
 from rcfd_jax.errors import UserError
 
 DAMAGED_SUBDIR = "damaged"
+FILE_SIZES = "rcfd_files.json"  # in each final step directory: {relative path: bytes} of its other files
 
 # A damaged step surfaces as many exception types: tensorstore's ValueError
 # for a short file, FileNotFoundError for missing metadata, and Orbax 0.12
@@ -65,6 +73,35 @@ def _short(error: BaseException, limit: int = 300) -> str:
   if len(text) > limit:
     text = text[:limit] + "..."
   return f"{type(error).__name__}: {text}"
+
+
+def _file_sizes(step_dir: str) -> dict[str, int]:
+  """{path relative to step_dir: size in bytes} of every file under it but the record itself."""
+  out = {}
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      if name != FILE_SIZES:
+        out[os.path.relpath(path, step_dir)] = os.path.getsize(path)
+  return dict(sorted(out.items()))
+
+
+def _changed_file(step_dir: str) -> str | None:
+  """What differs from the step's recorded file sizes; None when they match or none were recorded."""
+  record = os.path.join(step_dir, FILE_SIZES)
+  if not os.path.exists(record):
+    return None
+  try:
+    want = json.loads(open(record, encoding="utf-8").read())
+  except ValueError:
+    return f"{FILE_SIZES} is unreadable"
+  have = _file_sizes(step_dir)
+  for name, size in want.items():
+    if name not in have:
+      return f"{name} is missing"
+    if have[name] != size:
+      return f"{name} is {have[name]} bytes, {size} when saved"
+  return None
 
 
 def _is_key(x: Any) -> bool:
@@ -135,6 +172,17 @@ class Checkpointer:
         create=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unrecorded: list[int] = []  # saved steps whose file sizes are not yet recorded
+
+  def _record_sizes(self) -> None:
+    """Records the file sizes of the steps saved since the last call; call once saves are final."""
+    if jax.process_index() == 0:
+      for step in self._unrecorded:
+        step_dir = os.path.join(self.directory, str(step))
+        if os.path.isdir(step_dir):  # unless the keep policy deleted it already
+          sizes = _file_sizes(step_dir)
+          files.write_atomically(os.path.join(step_dir, FILE_SIZES), lambda f, sizes=sizes: json.dump(sizes, f))
+    self._unrecorded.clear()
 
   def all_steps(self) -> list[int]:
     """Steps Orbax lists as finalised (damaged ones included), ascending."""
@@ -158,7 +206,10 @@ class Checkpointer:
         state=ocp.args.StandardSave(_keys_to_data(state)),
         meta=ocp.args.JsonSave(dict(meta)),
     )
+    self._manager.wait_until_finished()  # what Orbax's save does first anyway
+    self._record_sizes()
     self._manager.save(step, args=args, force=True)
+    self._unrecorded.append(step)
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
     """Restores the newest step that loads cleanly onto the given shardings.
@@ -190,7 +241,7 @@ class Checkpointer:
 
   def _restore_newest(self, abstract_state: Any, partial: bool) -> tuple[int, Any, dict[str, Any]] | None:
     """restore_latest; with `partial`, only the fields of the state that abstract_state (a dict) names."""
-    self._manager.wait_until_finished()
+    self.wait_until_finished()
     self._manager.reload()
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
@@ -228,7 +279,18 @@ class Checkpointer:
     only the fields abstract_data names are read (Orbax's partial restore).
     """
     step_dir = epath.Path(self.directory) / str(step)
-    restored, error = None, None
+    restored, error = None, _changed_file(os.fspath(step_dir))
+    if error is None:
+      restored, error = self._read(step_dir, abstract_data, partial)
+    if jax.process_count() > 1:
+      failed = multihost_utils.process_allgather(np.int32(error is not None))
+      if error is None and np.any(failed):
+        error = "another process could not read its shards of this step"
+    return (None, error) if error is not None else (restored, None)
+
+  @staticmethod
+  def _read(step_dir: epath.Path, abstract_data: Any, partial: bool) -> tuple[Any, str | None]:
+    """(restored, None) or (None, error text): this process's shards of the step, through Orbax."""
     state_handler = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
     if partial:
       args = ocp.args.PyTreeRestore(abstract_data, ocp.checkpoint_utils.construct_restore_args(abstract_data),
@@ -236,21 +298,16 @@ class Checkpointer:
     else:
       args = ocp.args.StandardRestore(abstract_data)
     try:
-      restored = {
+      return {
           "state": state_handler.restore(step_dir / "state", args=args),
           "meta": ocp.JsonCheckpointHandler().restore(step_dir / "meta"),
-      }
+      }, None
     except _DAMAGE_ERRORS as e:
       # Keep text, not the exception: its traceback pins Orbax's abandoned
       # read coroutines (and their buffers) in a reference cycle.
-      error = _short(e)
+      return None, _short(e)
     finally:
       state_handler.close()
-    if jax.process_count() > 1:
-      failed = multihost_utils.process_allgather(np.int32(error is not None))
-      if error is None and np.any(failed):
-        error = "another process could not read its shards of this step"
-    return (None, error) if error is not None else (restored, None)
 
   def _move_aside(self, steps: list[int]) -> None:
     """Renames damaged step directories into DIR/checkpoints/damaged/.
@@ -275,10 +332,11 @@ class Checkpointer:
   def wait_until_finished(self) -> None:
     """Blocks until the last async save is on disk (call before exiting)."""
     self._manager.wait_until_finished()
+    self._record_sizes()
 
   def close(self) -> None:
     """Waits for pending saves and releases Orbax's threads."""
-    self._manager.wait_until_finished()
+    self.wait_until_finished()
     self._manager.close()
 
   def __enter__(self) -> "Checkpointer":

@@ -2,6 +2,7 @@
 
 import gc
 import glob
+import json
 import logging
 import os
 import shutil
@@ -147,8 +148,28 @@ def _empty_step_dir(step_dir):
   os.mkdir(step_dir)
 
 
+def _truncate_arrays_unrecorded(step_dir):
+  # A step whose file sizes were never recorded (saved before a crash): Orbax finds the damage.
+  os.remove(os.path.join(step_dir, checkpoint.FILE_SIZES))
+  _truncate_arrays(step_dir)
+
+
+def test_final_steps_record_their_file_sizes(tmp_path, mesh):
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, _state(mesh), {"k": 1})
+    ckpt.save(2, _state(mesh), {"k": 2})  # waits for step 1, then records it
+    assert (tmp_path / "1" / checkpoint.FILE_SIZES).exists()
+    ckpt.restore_latest(_abstract(_state(mesh)))  # reading changes no file
+  for step in ("1", "2"):
+    record = json.loads((tmp_path / step / checkpoint.FILE_SIZES).read_text())
+    files = {str(p.relative_to(tmp_path / step)): p.stat().st_size for p in (tmp_path / step).rglob("*")
+             if p.is_file() and p.name != checkpoint.FILE_SIZES}
+    assert record == files and any(name.startswith("state/") for name in record)
+
+
 @pytest.mark.usefixtures("abandoned_reads")
-@pytest.mark.parametrize("damage", [_truncate_arrays, _delete_array_metadata, _empty_step_dir])
+@pytest.mark.parametrize("damage", [_truncate_arrays, _delete_array_metadata, _empty_step_dir,
+                                    _truncate_arrays_unrecorded])
 def test_damaged_latest_step_falls_back_with_warning(tmp_path, mesh, damage, caplog):
   _save_steps(tmp_path, mesh, [10, 20])
   damage(os.path.join(tmp_path, "20"))
@@ -163,6 +184,8 @@ def test_damaged_latest_step_falls_back_with_warning(tmp_path, mesh, damage, cap
     ckpt.save(20, _state(mesh, scale=21), {"data_position": 210})
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert any("step 20" in w and "damaged" in w for w in warnings), warnings
+  if damage in (_truncate_arrays, _delete_array_metadata):  # found by the sizes, before anything is read
+    assert any("when saved" in w or "is missing" in w for w in warnings), warnings
   assert os.listdir(tmp_path / checkpoint.DAMAGED_SUBDIR)
   with checkpoint.Checkpointer(tmp_path) as ckpt:
     assert ckpt.restore_latest(_abstract(_state(mesh)))[2] == {"data_position": 210}
