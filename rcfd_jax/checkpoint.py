@@ -92,7 +92,8 @@ def _changed_file(step_dir: str) -> str | None:
   if not os.path.exists(record):
     return None
   try:
-    want = json.loads(open(record, encoding="utf-8").read())
+    with open(record, encoding="utf-8") as f:
+      want = json.load(f)
   except ValueError:
     return f"{FILE_SIZES} is unreadable"
   have = _file_sizes(step_dir)
