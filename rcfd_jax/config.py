@@ -170,6 +170,18 @@ def check(c: ml_collections.ConfigDict) -> None:
   need(c.rl.kl_estimator in ("k1", "k2", "k3"), f"config.rl.kl_estimator={c.rl.kl_estimator!r}; use k1|k2|k3")
   need(c.rl.adaptive_kl_signal in ("kl", "demo_reward"),
        f"config.rl.adaptive_kl_signal={c.rl.adaptive_kl_signal!r}; use kl|demo_reward")
+  need(c.rl.beta >= 0, f"config.rl.beta={c.rl.beta} is negative; the KL coefficient must be >= 0")
+  # Only the kl objective reads beta: elsewhere a coefficient would be ignored, and the run would train
+  # without the anchor its config shows.
+  penalty = []
+  if c.rl.beta != 0:
+    penalty.append(f"config.rl.beta={c.rl.beta}")
+  if c.rl.adaptive_kl:
+    penalty.append("config.rl.adaptive_kl=True")
+  need(c.rl.objective == "kl" or not penalty,
+       f"{' and '.join(penalty)} {'sets' if len(penalty) == 1 else 'set'} the KL penalty of objective kl, and "
+       f"objective {c.rl.objective!r} has none: set config.rl.objective=kl, or leave config.rl.beta at 0 and "
+       "config.rl.adaptive_kl False")
   need(c.rl.adaptive_kl_signal == "kl" or (c.rl.adaptive_kl and c.rl.objective == "kl" and c.rl.beta > 0),
        "config.rl.adaptive_kl_signal=demo_reward moves the kl objective's beta: set config.rl.objective=kl, "
        "config.rl.adaptive_kl=True and a starting config.rl.beta > 0")

@@ -105,7 +105,7 @@ def test_demo_reward_controller_needs_the_adaptive_kl_objective():
   c = load_config("tiny", {"rl.objective": "kl", "rl.beta": 0.1, "rl.adaptive_kl": True,
                            "rl.adaptive_kl_signal": "demo_reward"})
   config_lib.check(c)
-  for field, value in [("rl.objective", "rcfd"), ("rl.adaptive_kl", False), ("rl.beta", 0.0)]:
+  for field, value in [("rl.adaptive_kl", False), ("rl.beta", 0.0)]:
     bad = load_config("tiny", {"rl.objective": "kl", "rl.beta": 0.1, "rl.adaptive_kl": True,
                                "rl.adaptive_kl_signal": "demo_reward", field: value})
     with pytest.raises(UserError, match="objective=kl, config.rl.adaptive_kl=True"):
@@ -113,6 +113,23 @@ def test_demo_reward_controller_needs_the_adaptive_kl_objective():
   c.rl.adaptive_kl_signal = "reward"
   with pytest.raises(UserError, match="use kl|demo_reward"):
     config_lib.check(c)
+
+
+def test_a_kl_coefficient_is_refused_where_the_objective_has_no_kl_penalty():
+  """rl.beta and rl.adaptive_kl are read by objective kl alone: elsewhere the run would lack the anchor it shows."""
+  config_lib.check(load_config("tiny", {"rl.objective": "kl", "rl.beta": 0.1}))
+  config_lib.check(load_config("tiny", {"rl.objective": "kl", "rl.beta": 0.1, "rl.adaptive_kl": True}))
+  for objective in ("max", "rcfd", "rcfd_group"):
+    for extra, named in (({"rl.beta": 0.1}, r"config.rl.beta=0.1 sets"),
+                         ({"rl.adaptive_kl": True}, r"config.rl.adaptive_kl=True sets"),
+                         ({"rl.adaptive_kl": True, "rl.adaptive_kl_signal": "demo_reward"},
+                          r"config.rl.adaptive_kl=True sets"),
+                         ({"rl.beta": 0.1, "rl.adaptive_kl": True}, r"config.rl.beta=0.1 and config.rl.adaptive_kl=True set")):
+      with pytest.raises(UserError, match=f"^{named} the KL penalty of objective kl, and objective {objective!r} "
+                                          "has none: set config.rl.objective=kl"):
+        config_lib.check(load_config("tiny", {"rl.objective": objective, **extra}))
+  with pytest.raises(UserError, match="config.rl.beta=-0.1 is negative"):
+    config_lib.check(load_config("tiny", {"rl.objective": "kl", "rl.beta": -0.1}))
 
 
 def test_experiment_file_finds_every_config_by_name():
