@@ -34,7 +34,7 @@ from rcfd_jax.reproduce import frontier, run as reproduce, runner  # noqa: E402
 
 BETA0 = 0.1        # the stronger kl arm's beta
 HORIZON = 640.0    # rollouts: 64 a step, so beta moves by at most 0.2 * 64 / 640 = 2% a step
-TASKS = ("loglik", "sentiment", "loglik_voiced", "sentiment_voiced")
+TASKS = tuple(reproduce.TASKS)  # the reproduction's four tasks, in its order
 
 
 OURS = ("kl_demo", "tilt")  # the arms this script runs, by name prefix
